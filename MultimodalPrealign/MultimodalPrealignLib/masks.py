@@ -1,0 +1,90 @@
+"""Foreground (body/object) masks from intensities, robust to CT's negative HU and padding values."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .resample import resample_to_spacing
+
+
+def padding_value(image: sitk.Image) -> float | None:
+    """The value that fills outside a CT's reconstruction circle (-2048, -3024...), if there is one.
+
+    A value is padding when it is the image minimum and covers more than 2% of the voxels.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    lo = float(array.min())
+    if np.count_nonzero(array == lo) > 0.02 * array.size and lo < float(np.median(array)):
+        return lo
+    return None
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values, bins=bins)
+    hist = hist.astype(float)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1e-12)
+    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centers[int(np.argmax(between[:-1]))])
+
+
+def foreground_mask(image: sitk.Image, working_spacing_mm: float | None = 3.0,
+                    keep_largest: bool = True) -> sitk.Image:
+    """Binary UInt8 mask of the object (body) in ``image``.
+
+    Otsu threshold between background and object on robust intensity limits (0.5/99.5 percentiles,
+    padding excluded), a small opening, holes filled, and the largest connected component kept.
+    With ``working_spacing_mm`` the mask is computed on a coarse isotropic copy (same physical extent).
+    """
+    work = image
+    if working_spacing_mm is not None and max(image.GetSpacing()) < working_spacing_mm:
+        work = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), [working_spacing_mm] * 3)
+    array = sitk.GetArrayFromImage(work).astype(np.float32)
+    pad = padding_value(work)
+    valid = array > pad + 1e-3 if pad is not None else np.ones(array.shape, bool)
+    values = array[valid]
+    if values.size == 0:
+        values = array.ravel()
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if hi <= lo:
+        mask = valid.copy()
+    else:
+        threshold = otsu_threshold(np.clip(values, lo, hi))
+        mask = (array > threshold) & valid
+    mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
+    if keep_largest and mask.any():
+        labels, count = ndimage.label(mask)
+        if count > 1:
+            sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+            mask = labels == (int(np.argmax(sizes)) + 1)
+    mask = _fill_holes_slicewise(mask)
+    out = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out.CopyInformation(work)
+    return out
+
+
+def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
+    filled = ndimage.binary_fill_holes(mask)
+    return filled if filled is not None else mask
+
+
+def mask_centroid_and_axes(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Centroid (LPS mm), principal axes (3x3, columns, largest variance first), variances, volume (mm3)."""
+    array = sitk.GetArrayViewFromImage(mask)
+    idx_zyx = np.argwhere(array > 0)
+    if idx_zyx.shape[0] == 0:
+        raise ValueError("empty mask")
+    idx = idx_zyx[:, ::-1].astype(float)
+    a = np.asarray(mask.GetDirection()).reshape(3, 3) @ np.diag(mask.GetSpacing())
+    points = idx @ a.T + np.asarray(mask.GetOrigin())
+    centroid = points.mean(0)
+    cov = np.cov((points - centroid).T) if points.shape[0] > 3 else np.eye(3)
+    variances, axes = np.linalg.eigh(cov)
+    order = np.argsort(variances)[::-1]
+    volume = float(points.shape[0] * np.prod(mask.GetSpacing()))
+    return centroid, axes[:, order], variances[order], volume
