@@ -1,0 +1,313 @@
+"""The whole run: load -> diagnose -> pre-align -> crop -> register -> compose -> measure -> write.
+
+``run_pipeline`` works on in-memory SimpleITK images (used by the CLI, the Slicer module and tests);
+``register_files`` adds file IO with atomic outputs. The output transform maps FIXED physical points to
+MOVING physical points (LPS mm, ITK convention): pre-alignment and registration composed into one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__, crop, engines, geometry, image_io, metrics, prealign, transforms
+from .errors import InputError
+from .masks import padding_value
+from .progress import Progress
+
+#: Files `register` writes into its output folder (re-running into a folder holding only these is allowed).
+OUTPUT_FILES = ("transform.h5", "moving_resampled.nrrd", "report.json", "report.html", "pictures")
+
+
+@dataclass
+class PipelineOptions:
+    """Every setting of a run. Defaults are what `multimodal-prealign register` uses.
+
+    ``sampling_percentage`` / ``iterations``: None = the engine's default (BRAINSFit's 0.002 / 1500 for
+    ``itk``; the preset's values for ``elastix``), recorded in report.json either way.
+    """
+
+    prealign: str = "auto"
+    engine: str = "itk"
+    stages: tuple = ("rigid", "affine")
+    sampling_percentage: float | None = None
+    iterations: int | None = None
+    seed: int = 0
+    crop_margin_mm: float = 20.0
+    spacing_scale: float = 1.0
+    isotropic: bool = True
+    max_working_voxels: int = crop.DEFAULT_MAX_WORKING_VOXELS
+    fixed_labels_task: str | None = None
+    moving_labels_task: str | None = None
+    prealign_options: dict = field(default_factory=dict)
+
+    def registration_settings(self) -> engines.RegistrationSettings:
+        return engines.RegistrationSettings(engine=self.engine, stages=tuple(self.stages),
+                                            sampling_percentage=self.sampling_percentage,
+                                            iterations=self.iterations, seed=self.seed).validate()
+
+    def validate(self) -> PipelineOptions:
+        if self.prealign not in prealign.ALL_METHODS:
+            raise InputError(f"Unknown pre-alignment method '{self.prealign}'",
+                             "use one of " + ", ".join(prealign.ALL_METHODS))
+        self.registration_settings()
+        if self.crop_margin_mm < 0:
+            raise InputError(f"Crop margin must be >= 0 mm, got {self.crop_margin_mm}", "use e.g. --crop-margin 20")
+        if self.spacing_scale <= 0:
+            raise InputError(f"Spacing scale must be positive, got {self.spacing_scale}", "use e.g. --spacing-scale 1")
+        if self.max_working_voxels < 1000:
+            raise InputError(f"Working voxel cap too small ({self.max_working_voxels})", "use at least 1000")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+
+@dataclass
+class PipelineResult:
+    transform: sitk.Transform  # fixed -> moving, LPS mm, pre-alignment composed with registration
+    prealign: prealign.PrealignResult
+    crop: crop.CropPlan
+    engine: engines.EngineResult
+    report: dict
+    warnings: list
+
+
+def _optional_module(name: str):
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ImportError:
+        return None
+
+
+def _validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
+    """Mask of working voxels that hold image data: not CT padding outside the reconstruction circle.
+
+    Voxels above the padding value, eroded by one voxel to drop the rim blurred by resampling.
+    """
+    pad = padding_value(original)
+    if pad is None:
+        return None
+    mask = sitk.BinaryThreshold(work, lowerThreshold=pad + 1.0, upperThreshold=3.0e38, insideValue=1, outsideValue=0)
+    mask = sitk.BinaryErode(mask, [1, 1, 1])
+    if int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) < 1000:
+        return None
+    return mask
+
+
+def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None = None,
+                 fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
+                 progress: Progress | None = None) -> PipelineResult:
+    """Pre-align, crop and register ``moving`` to ``fixed``; returns the composed fixed->moving transform."""
+    options = (options or PipelineOptions()).validate()
+    progress = progress or Progress()
+    settings = options.registration_settings()
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    started = time.perf_counter()
+
+    fixed = image_io.check_image(fixed, "fixed image")
+    moving = image_io.check_image(moving, "moving image")
+    if fixed_labels is not None:
+        image_io.check_label_grid(fixed_labels, fixed, "fixed label map", "fixed image")
+    if moving_labels is not None:
+        image_io.check_label_grid(moving_labels, moving, "moving label map", "moving image")
+    fixed_f, moving_f = image_io.as_float32(fixed), image_io.as_float32(moving)
+
+    progress.report("prealign", 0.05, f"pre-alignment '{options.prealign}'")
+    t = time.perf_counter()
+    inputs = prealign.PrealignInputs(
+        fixed=fixed_f, moving=moving_f, fixed_labels=fixed_labels, moving_labels=moving_labels,
+        fixed_labels_task=options.fixed_labels_task, moving_labels_task=options.moving_labels_task,
+        seed=options.seed, options=dict(options.prealign_options), progress=progress)
+    pre = prealign.run_prealign(options.prealign, inputs)
+    timings["prealign"] = time.perf_counter() - t
+    warnings.extend(pre.warnings)
+    progress.report("prealign", 0.35, f"'{pre.method}' done in {timings['prealign']:.1f} s")
+
+    diagnostics = None
+    diagnostics_module = _optional_module("diagnostics")
+    if diagnostics_module is not None and hasattr(diagnostics_module, "diagnose_pair"):
+        t = time.perf_counter()
+        diagnostics = diagnostics_module.diagnose_pair(fixed, moving, pre.transform, pre.method)
+        timings["diagnose"] = time.perf_counter() - t
+
+    progress.report("crop", 0.4, "cropping to the overlap and resampling")
+    t = time.perf_counter()
+    plan = crop.plan_crop(fixed_f, moving_f, pre.transform, options.crop_margin_mm, options.spacing_scale,
+                          options.isotropic, options.max_working_voxels, pre.method)
+    fixed_work, moving_work = crop.apply_crop(fixed, moving, plan)
+    fixed_mask = _validity_mask(fixed_work, fixed)
+    moving_mask = _validity_mask(moving_work, moving)
+    timings["crop"] = time.perf_counter() - t
+    progress.report("crop", 0.5, f"working spacing {plan.working_spacing_mm[0]:.2f} mm, "
+                    f"fixed {fixed_work.GetSize()}, moving {moving_work.GetSize()}")
+
+    t = time.perf_counter()
+    result = engines.register(fixed_work, moving_work, pre.transform, settings, progress, fixed_mask, moving_mask)
+    timings["register"] = time.perf_counter() - t
+    warnings.extend(result.warnings)
+    final = result.transform
+
+    progress.report("metrics", 0.92, "measuring before/after")
+    t = time.perf_counter()
+    before = metrics.alignment_metrics(fixed_work, moving_work, pre.transform)
+    after = metrics.alignment_metrics(fixed_work, moving_work, final)
+    timings["metrics"] = time.perf_counter() - t
+    if after["mi"] < before["mi"] - 1e-3:
+        warnings.append(f"mutual information decreased during registration ({before['mi']:.3f} -> {after['mi']:.3f}); "
+                        "check the result visually")
+    timings["total"] = time.perf_counter() - started
+
+    report = {
+        "tool": {"name": "MultimodalPrealign", "version": __version__, "python": platform.python_version(),
+                 "simpleitk": sitk.Version_VersionString()},
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "convention": "transforms map FIXED physical points to MOVING physical points (LPS mm, ITK resampling "
+                      "direction); apply transform.h5 to the moving volume in Slicer to align it",
+        "inputs": {"fixed": geometry.describe_image(fixed), "moving": geometry.describe_image(moving),
+                   "fixed_labels": None if fixed_labels is None else geometry.describe_image(fixed_labels),
+                   "moving_labels": None if moving_labels is None else geometry.describe_image(moving_labels)},
+        "settings": {**options.to_dict(), "prealign_used": pre.method, "engine_settings_used": result.settings_used},
+        "diagnostics": diagnostics,
+        "prealign": {"method": pre.method, "requested": options.prealign, "transform": transforms.summarize(pre.transform),
+                     "details": pre.details, "candidates": pre.candidates},
+        "crop": plan.details,
+        "registration": {"engine": settings.engine, "stages": result.stages,
+                         "transform": transforms.summarize(final),
+                         "correction_after_prealign": _correction(pre.transform, final)},
+        "transform": {"file": "transform.h5", "summary": transforms.summarize(final)},
+        "metrics": {"computed_on": "working grids (cropped, resampled)", "before": before, "after": after},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "warnings": warnings,
+    }
+    progress.report("done", 0.94, f"registration pipeline finished in {timings['total']:.1f} s")
+    return PipelineResult(final, pre, plan, result, report, warnings)
+
+
+def _correction(pre: sitk.Transform, final: sitk.Transform) -> dict | None:
+    """What registration added on top of the pre-alignment: R with final = pre(R(p)), linear part only."""
+    if not (transforms.is_linear(pre) and transforms.is_linear(final)):
+        return None
+    r = np.linalg.inv(transforms.to_matrix(pre)) @ transforms.to_matrix(final)
+    return transforms.summarize(transforms.affine_from_matrix(r))
+
+
+def resample_moving(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> sitk.Image:
+    """The ORIGINAL moving image on the ORIGINAL fixed grid, in the moving image's pixel type."""
+    return sitk.Resample(moving, fixed, fixed_to_moving, sitk.sitkLinear, crop.background_value(moving),
+                         moving.GetPixelID())
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse an output folder that holds anything but our own outputs (a previous run's are replaced)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"The output path '{out_dir}' exists and is a file", "give a folder path to --out")
+    if out_dir.is_dir():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES)
+        if other:
+            shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
+            raise InputError(f"The output folder '{out_dir}' already holds other files ({shown})",
+                             "give a new or empty folder to --out")
+
+
+def load_labels(path, reference: sitk.Image, label_name: str, image_name: str):
+    """Label map (UInt16 on ``reference``'s grid) and its TotalSegmentator task when known."""
+    labels_module = _optional_module("labels")
+    if labels_module is not None and hasattr(labels_module, "load_labels"):
+        return labels_module.load_labels(path, reference, label_name)
+    return image_io.load_label_map(path, reference, label_name, image_name), None
+
+
+def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | None = None,
+                   fixed_labels_path=None, moving_labels_path=None, progress: Progress | None = None,
+                   command: list | None = None) -> PipelineResult:
+    """Run the pipeline on files and write transform.h5, moving_resampled.nrrd and report.json atomically."""
+    options = (options or PipelineOptions()).validate()
+    progress = progress or Progress()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    t = time.perf_counter()
+    progress.report("load", 0.0, "reading images")
+    fixed = image_io.load_image(fixed_path, "fixed image")
+    moving = image_io.load_image(moving_path, "moving image")
+    fixed_labels = moving_labels = None
+    if fixed_labels_path is not None:
+        fixed_labels, task = load_labels(fixed_labels_path, fixed, "fixed label map", "fixed image")
+        options.fixed_labels_task = options.fixed_labels_task or task
+    if moving_labels_path is not None:
+        moving_labels, task = load_labels(moving_labels_path, moving, "moving label map", "moving image")
+        options.moving_labels_task = options.moving_labels_task or task
+    load_seconds = time.perf_counter() - t
+
+    result = run_pipeline(fixed, moving, options, fixed_labels, moving_labels, progress)
+    report = result.report
+    report["timings_s"]["load"] = round(load_seconds, 3)
+    report["inputs"]["fixed"]["path"] = str(Path(fixed_path).resolve())
+    report["inputs"]["moving"]["path"] = str(Path(moving_path).resolve())
+    if fixed_labels_path is not None:
+        report["inputs"]["fixed_labels"]["path"] = str(Path(fixed_labels_path).resolve())
+    if moving_labels_path is not None:
+        report["inputs"]["moving_labels"]["path"] = str(Path(moving_labels_path).resolve())
+    if command is not None:
+        report["command"] = command
+
+    progress.report("write", 0.95, f"writing outputs to {out_dir}")
+    t = time.perf_counter()
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=str(parent)))
+    try:
+        transforms.write_transform(result.transform, staging / "transform.h5")
+        image_io.write_image(resample_moving(fixed, moving, result.transform), staging / "moving_resampled.nrrd")
+        report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
+                             "report": "report.json"}
+        report["timings_s"]["write"] = round(time.perf_counter() - t, 3)
+        report["timings_s"]["total_with_io"] = round(report["timings_s"]["total"] + load_seconds
+                                                     + report["timings_s"]["write"], 3)
+        (staging / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
+        _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress.report("write", 1.0, f"outputs in {out_dir}")
+    return result
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(item, target)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
