@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, usage errors (already printed as one line)
+        return int(done.code or 0)
     try:
         return int(args.handler(args) or 0)
     except PrealignError as err:

@@ -29,6 +29,11 @@ def pyramid(working_spacing_mm, coarsest_mm: float, max_levels: int) -> tuple[li
     return shrink, sigmas
 
 
+def itk_seed(seed: int) -> int:
+    """SimpleITK reads seed 0 as "seed from the wall clock" (sitkWallClock): shift ours to stay deterministic."""
+    return int(seed) + 1
+
+
 def _sampling_per_level(fixed: sitk.Image, shrink: list[int], percentage: float, min_samples: int) -> list[float]:
     voxels = float(np.prod(fixed.GetSize()))
     result = []
@@ -70,7 +75,7 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
         method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentagePerLevel(sampling, settings.seed)
+        method.SetMetricSamplingPercentagePerLevel(sampling, itk_seed(settings.seed))
         method.SetInterpolator(sitk.sitkLinear)
         if fixed_mask is not None:
             method.SetMetricFixedMask(fixed_mask)
@@ -82,7 +87,7 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
             method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=stage_iterations,
                                         maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * stage_iterations)
             stage_shrink, stage_sigmas = shrink[-2:], sigmas[-2:]
-            method.SetMetricSamplingPercentagePerLevel(sampling[-2:], settings.seed)
+            method.SetMetricSamplingPercentagePerLevel(sampling[-2:], itk_seed(settings.seed))
         else:
             method.SetOptimizerAsRegularStepGradientDescent(
                 learningRate=preset["maximum_step_length"], minStep=preset["minimum_step_length"],
@@ -121,7 +126,7 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
     settings_used = {
         "engine": "itk", "metric": "MattesMutualInformation", "histogram_bins": settings.histogram_bins,
         "sampling_percentage": percentage, "min_samples_per_level": preset["min_samples_per_level"],
-        "iterations": iterations, "seed": settings.seed, "stages": list(settings.stages),
+        "iterations": iterations, "seed": settings.seed, "itk_random_seed": itk_seed(settings.seed), "stages": list(settings.stages),
         "shrink_factors": shrink, "smoothing_sigmas_mm": [round(s, 3) for s in sigmas],
         "optimizer": preset["optimizer"], "maximum_step_length": preset["maximum_step_length"],
         "minimum_step_length": preset["minimum_step_length"], "relaxation_factor": preset["relaxation_factor"],

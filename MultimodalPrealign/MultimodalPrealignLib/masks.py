@@ -23,6 +23,7 @@ def padding_value(image: sitk.Image) -> float | None:
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Two-class Otsu threshold of ``values``."""
     hist, edges = np.histogram(values, bins=bins)
     hist = hist.astype(float)
     centers = (edges[:-1] + edges[1:]) / 2
@@ -34,11 +35,29 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centers[int(np.argmax(between[:-1]))])
 
 
+def otsu_thresholds_3class(values: np.ndarray, bins: int = 128) -> tuple[float, float]:
+    """The two thresholds of a three-class Otsu split (background / tissue / bright tissue or bone)."""
+    hist, edges = np.histogram(values, bins=bins)
+    p = hist.astype(float) / max(hist.sum(), 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w = np.concatenate([[0.0], np.cumsum(p)])
+    mu = np.concatenate([[0.0], np.cumsum(p * centers)])
+    i, j = np.triu_indices(bins + 1, k=1)  # class edges: [0, i), [i, j), [j, bins)
+    keep = (i >= 1) & (j <= bins - 1)
+    i, j = i[keep], j[keep]
+    w0, w1, w2 = w[i], w[j] - w[i], 1.0 - w[j]
+    m0, m1, m2 = mu[i], mu[j] - mu[i], mu[-1] - mu[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = np.where(w0 > 0, m0**2 / w0, 0) + np.where(w1 > 0, m1**2 / w1, 0) + np.where(w2 > 0, m2**2 / w2, 0)
+    best = int(np.nanargmax(between))
+    return float(edges[i[best]]), float(edges[j[best]])
+
+
 def foreground_mask(image: sitk.Image, working_spacing_mm: float | None = 3.0,
                     keep_largest: bool = True) -> sitk.Image:
     """Binary UInt8 mask of the object (body) in ``image``.
 
-    Otsu threshold between background and object on robust intensity limits (0.5/99.5 percentiles,
+    Lowest three-class Otsu threshold on robust intensity limits (0.5/99.5 percentiles,
     padding excluded), a small opening, holes filled, and the largest connected component kept.
     With ``working_spacing_mm`` the mask is computed on a coarse isotropic copy (same physical extent).
     """
@@ -55,7 +74,9 @@ def foreground_mask(image: sitk.Image, working_spacing_mm: float | None = 3.0,
     if hi <= lo:
         mask = valid.copy()
     else:
-        threshold = otsu_threshold(np.clip(values, lo, hi))
+        # Lowest of three Otsu classes: separates background from all tissue, also when one tissue is very
+        # bright (fat in T1/T2 MR, bone in CT), where a two-class split would cut the body in two.
+        threshold = otsu_thresholds_3class(np.clip(values, lo, hi))[0]
         mask = (array > threshold) & valid
     mask = ndimage.binary_opening(mask, iterations=1) if mask.sum() > 1000 else mask
     if keep_largest and mask.any():

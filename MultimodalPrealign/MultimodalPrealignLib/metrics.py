@@ -161,7 +161,7 @@ def structure_metrics(fixed_labels: sitk.Image, moving_labels: sitk.Image, fixed
         pairs = pairs_by_id(fixed_labels, moving_labels)
     reference = label_evaluation_grid(fixed_labels, max_voxels)
     fixed_array = sitk.GetArrayViewFromImage(reference)
-    warped_array = sitk.GetArrayViewFromImage(warp_labels(moving_labels, reference, fixed_to_moving))
+    warped_array = sitk.GetArrayFromImage(warp_labels(moving_labels, reference, fixed_to_moving))
     common = _mask_inside_moving(reference, moving_labels, fixed_to_moving)
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     max_fixed = int(fixed_array.max()) if fixed_array.size else 0
@@ -176,6 +176,8 @@ def structure_metrics(fixed_labels: sitk.Image, moving_labels: sitk.Image, fixed
                "fixed_volume_ml": round(int(fixed_mask.sum()) * voxel_ml, 3),
                "moving_volume_ml": round(int(moving_mask.sum()) * voxel_ml, 3),
                "fraction_in_overlap": round(float(fixed_mask.sum()) / max(int(fixed_all.sum()), 1), 4)}
+        if not fixed_all.any() and not moving_mask.any():
+            continue  # in neither label map (within the common region for the moving one)
         if not fixed_mask.any() or not moving_mask.any():
             row.update({"dice": None, "centroid_distance_mm": None,
                         "note": "absent from the common region in " +
@@ -280,3 +282,39 @@ def overlap_mask(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Tr
     out = sitk.GetImageFromArray(inside.astype(np.uint8))
     out.CopyInformation(reference)
     return out
+
+
+def structure_pairs(fixed_task: str | None, moving_task: str | None) -> list[StructurePair] | None:
+    """(name, fixed_ids, moving_ids) of the structures two TotalSegmentator tasks share, matched by NAME.
+
+    Uses ``resources/totalsegmentator_classes.json`` (id -> name per task) and
+    ``resources/structure_correspondence.json`` (``groups``: a coarse name such as ``lung_left`` in one task is
+    the union of finer names in the other; ``excluded``: body-wide labels never compared). Returns None when
+    a task is unknown (then the caller may pair by id).
+    """
+    import json
+    from pathlib import Path
+
+    resources = Path(__file__).resolve().parent / "resources"
+    try:
+        classes = json.loads((resources / "totalsegmentator_classes.json").read_text())["tasks"]
+        correspondence = json.loads((resources / "structure_correspondence.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    if fixed_task not in classes or moving_task not in classes:
+        return None
+    fixed_ids = {name: int(i) for i, name in classes[fixed_task].items()}
+    moving_ids = {name: int(i) for i, name in classes[moving_task].items()}
+    excluded = set(correspondence.get("excluded", []))
+    pairs: list[StructurePair] = [(name, [fixed_ids[name]], [moving_ids[name]])
+                                  for name in fixed_ids if name in moving_ids and name not in excluded]
+    for coarse, fine in correspondence.get("groups", {}).items():
+        if coarse in fixed_ids and coarse in moving_ids:
+            continue
+        fine_fixed = [fixed_ids[n] for n in fine if n in fixed_ids]
+        fine_moving = [moving_ids[n] for n in fine if n in moving_ids]
+        if coarse in moving_ids and fine_fixed:
+            pairs.append((coarse, fine_fixed, [moving_ids[coarse]]))
+        elif coarse in fixed_ids and fine_moving:
+            pairs.append((coarse, [fixed_ids[coarse]], fine_moving))
+    return pairs
