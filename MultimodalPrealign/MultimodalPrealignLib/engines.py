@@ -44,6 +44,8 @@ class RegistrationSettings:
     iterations: int | None = None
     seed: int = 0
     histogram_bins: int = 50
+    #: itk engine: run ITK single-threaded so the same seed gives a bit-identical transform.
+    deterministic: bool = True
 
     def validate(self) -> RegistrationSettings:
         if self.engine not in ENGINES:
