@@ -110,8 +110,14 @@ def _validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
 
 def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None = None,
                  fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
-                 progress: Progress | None = None) -> PipelineResult:
-    """Pre-align, crop and register ``moving`` to ``fixed``; returns the composed fixed->moving transform."""
+                 progress: Progress | None = None, crop_fn=None, register_fn=None) -> PipelineResult:
+    """Pre-align, crop and register ``moving`` to ``fixed``; returns the composed fixed->moving transform.
+
+    ``crop_fn`` (signature of :func:`crop.apply_crop`) and ``register_fn`` (of :func:`engines.register`)
+    replace the core's crop and engine steps; the Slicer module passes CropVolume and BRAINSFit/SlicerElastix.
+    """
+    crop_fn = crop_fn or crop.apply_crop
+    register_fn = register_fn or engines.register
     options = (options or PipelineOptions()).validate()
     progress = progress or Progress()
     settings = options.registration_settings()
@@ -149,7 +155,7 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     t = time.perf_counter()
     plan = crop.plan_crop(fixed_f, moving_f, pre.transform, options.crop_margin_mm, options.spacing_scale,
                           options.isotropic, options.max_working_voxels, pre.method)
-    fixed_work, moving_work = crop.apply_crop(fixed, moving, plan)
+    fixed_work, moving_work = crop_fn(fixed, moving, plan)
     fixed_mask = _validity_mask(fixed_work, fixed)
     moving_mask = _validity_mask(moving_work, moving)
     timings["crop"] = time.perf_counter() - t
@@ -157,7 +163,7 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
                     f"fixed {fixed_work.GetSize()}, moving {moving_work.GetSize()}")
 
     t = time.perf_counter()
-    result = engines.register(fixed_work, moving_work, pre.transform, settings, progress, fixed_mask, moving_mask)
+    result = register_fn(fixed_work, moving_work, pre.transform, settings, progress, fixed_mask, moving_mask)
     timings["register"] = time.perf_counter() - t
     warnings.extend(result.warnings)
     final = result.transform

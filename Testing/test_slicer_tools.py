@@ -1,0 +1,549 @@
+"""Adapters to BRAINSFit, SlicerElastix and TotalSegmentator: parameters, error translation, orchestration.
+
+The Slicer application, BRAINSFit's CLI, SlicerElastix's logic and TotalSegmentator's logic cannot run
+here; named doubles stand in for exactly those (``FakeCLINode``, ``FakeBRAINSFitCLI``,
+``FakeCropVolumeLogic``, ``FakeElastixLogic``, ``FakeTotalSegmentatorLogic*``). The doubles that
+"register" run the real core engines (SimpleITK, itk-elastix with OUR parameter files) on the same MRML
+nodes, so the plumbing (crop boxes, initial transform, read-back, final node) is checked for real.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MultimodalPrealignLib import slicer_tools, transforms
+from MultimodalPrealignLib.elastix_engine import parse_parameter_text
+from MultimodalPrealignLib.errors import Cancelled, InputError, RegistrationError
+
+#: Every parameter name in BRAINSia/BRAINSTools BRAINSFit/BRAINSFit.xml that we may pass.
+BRAINSFIT_XML_NAMES = {
+    "fixedVolume", "movingVolume", "bsplineTransform", "linearTransform", "outputVolume", "initialTransform",
+    "initializeTransformMode", "useRigid", "useScaleVersor3D", "useScaleSkewVersor3D", "useAffine", "useBSpline",
+    "useComposite", "samplingPercentage", "numberOfSamples", "splineGridSize", "numberOfIterations",
+    "maskProcessingMode", "fixedBinaryVolume", "movingBinaryVolume", "costMetric", "numberOfHistogramBins",
+    "transformType", "outputTransform", "minimumStepLength", "maximumStepLength", "translationScale",
+    "interpolationMode", "backgroundFillValue", "histogramMatch", "logFileReport",
+}
+BRAINSFIT_ENUMS = {"initializeTransformMode": {"Off", "useMomentsAlign", "useCenterOfHeadAlign", "useGeometryAlign",
+                                               "useCenterOfROIAlign"},
+                   "maskProcessingMode": {"NOMASK", "ROIAUTO", "ROI"}, "costMetric": {"MMI", "MSE", "NC", "MC", "MIH"}}
+
+
+def check_brainsfit_names(params: dict) -> None:
+    unknown = set(params) - BRAINSFIT_XML_NAMES
+    assert not unknown, f"not BRAINSFit.xml parameters: {unknown}"
+    for name, allowed in BRAINSFIT_ENUMS.items():
+        if name in params:
+            assert params[name] in allowed
+
+
+# ------------------------------------------------------------------------------------------------ BRAINSFit
+
+def test_brainsfit_parameters_linear_stages():
+    params = slicer_tools.brainsfit_parameters("vtkMRMLScalarVolumeNode1", "vtkMRMLScalarVolumeNode2",
+                                               "vtkMRMLLinearTransformNode3", ("rigid", "affine"),
+                                               initial_transform_id="vtkMRMLLinearTransformNode4",
+                                               sampling_percentage=0.01, iterations=300)
+    check_brainsfit_names(params)
+    assert params["useRigid"] and params["useAffine"] and "useBSpline" not in params
+    assert params["linearTransform"] == "vtkMRMLLinearTransformNode3" and "bsplineTransform" not in params
+    assert params["initialTransform"] == "vtkMRMLLinearTransformNode4"
+    assert params["initializeTransformMode"] == "Off"
+    assert params["samplingPercentage"] == 0.01 and params["numberOfIterations"] == 300
+    assert params["maskProcessingMode"] == "NOMASK"
+
+
+def test_brainsfit_parameters_bspline_masks_and_defaults():
+    params = slicer_tools.brainsfit_parameters("f", "m", "out", ("rigid", "affine", "bspline"),
+                                               fixed_mask_id="fm", moving_mask_id="mm", spline_grid_size=(5, 5, 4))
+    check_brainsfit_names(params)
+    assert params["bsplineTransform"] == "out" and "linearTransform" not in params
+    assert params["maskProcessingMode"] == "ROI"
+    assert params["fixedBinaryVolume"] == "fm" and params["movingBinaryVolume"] == "mm"
+    assert params["splineGridSize"] == "5,5,4"
+    # None keeps BRAINSFit's own defaults (0.002 / 1500): the keys are not sent at all.
+    assert "samplingPercentage" not in params and "numberOfIterations" not in params and "initialTransform" not in params
+
+
+@pytest.mark.parametrize("stages, match", [((), "No registration stage"), (("affine", "rigid"), "order"),
+                                           (("rigid", "warp"), "Unknown stage")])
+def test_brainsfit_parameters_refuse_bad_stages(stages, match):
+    with pytest.raises(InputError, match=match):
+        slicer_tools.brainsfit_parameters("f", "m", "out", stages)
+
+
+def test_brainsfit_parameters_refuse_bad_overrides():
+    with pytest.raises(InputError, match="Sampling percentage"):
+        slicer_tools.brainsfit_parameters("f", "m", "out", sampling_percentage=2.0)
+    with pytest.raises(InputError, match="Iterations"):
+        slicer_tools.brainsfit_parameters("f", "m", "out", iterations=0)
+
+
+class FakeCLINode:
+    """Stands in for a vtkMRMLCommandLineModuleNode after ``slicer.cli.runSync`` (no CLI modules here)."""
+
+    Completed = 0x20
+    CompletedWithErrors = Completed | 0x40
+    ErrorsMask = 0x40
+
+    def __init__(self, status=Completed, error_text="", output_text=""):
+        self.status, self.error_text, self.output_text = status, error_text, output_text
+
+    def GetStatus(self):
+        return self.status
+
+    def GetStatusString(self):
+        return "CompletedWithErrors" if self.status & self.ErrorsMask else "Completed"
+
+    def GetErrorText(self):
+        return self.error_text
+
+    def GetOutputText(self):
+        return self.output_text
+
+
+OVERLAP_ERROR = ("itk::ExceptionObject (0x55)\nLocation: MattesMutualInformationImageToImageMetricv4\n"
+                 "Description: All samples map outside moving image buffer. The images do not sufficiently "
+                 "overlap. They need to be initialized to have more overlap before this metric will work.")
+
+
+def test_brainsfit_overlap_failure_becomes_cause_and_fix():
+    def run_sync(module, node, params):
+        return FakeCLINode(FakeCLINode.CompletedWithErrors, error_text=OVERLAP_ERROR)
+
+    with pytest.raises(RegistrationError) as info:
+        slicer_tools.run_brainsfit(run_sync, "brainsfit", {"fixedVolume": "f"})
+    text = str(info.value)
+    assert "lost the overlap" in text and "Fix:" in text and "search" in text
+    assert "\n" not in text
+
+
+def test_brainsfit_unknown_failure_keeps_its_last_error_line():
+    def run_sync(module, node, params):
+        return FakeCLINode(FakeCLINode.CompletedWithErrors,
+                           error_text="reading input\nERROR: could not open fixed volume /tmp/x.nrrd\n")
+
+    with pytest.raises(RegistrationError, match="BRAINSFit failed: ERROR: could not open fixed volume"):
+        slicer_tools.run_brainsfit(run_sync, "brainsfit", {})
+
+
+def test_brainsfit_runsync_exception_is_translated_and_success_returns_node():
+    def raising(module, node, params):
+        raise ValueError("CLI execution failed: All samples map outside moving image buffer")
+
+    with pytest.raises(RegistrationError, match="lost the overlap"):
+        slicer_tools.run_brainsfit(raising, "brainsfit", {})
+    ok = FakeCLINode(output_text="done")
+    assert slicer_tools.run_brainsfit(lambda m, n, p: ok, "brainsfit", {}) is ok
+
+
+# ------------------------------------------------------------------------------------------------ elastix
+
+def test_elastix_parameter_files_hold_the_overrides(tmp_path):
+    paths = slicer_tools.write_elastix_parameter_files(tmp_path / "params", ("rigid", "affine"), 0.01, 250,
+                                                       fixed_voxels=1_000_000, seed=3)
+    assert len(paths) == 2 and all(os.path.isabs(p) and os.path.exists(p) for p in paths)
+    rigid = parse_parameter_text(open(paths[0]).read())
+    affine = parse_parameter_text(open(paths[1]).read())
+    assert rigid["Transform"] == ["EulerTransform"] and affine["Transform"] == ["AffineTransform"]
+    for params in (rigid, affine):
+        assert params["MaximumNumberOfIterations"] == ["250"]
+        assert params["NumberOfSpatialSamples"] == ["10000"]  # 1% of one million working voxels
+        assert params["WriteITKCompositeTransform"] == ["true"]
+        assert params["ITKTransformOutputFileNameExtension"] == ["h5"]
+    # Absolute paths survive SlicerElastix's os.path.join(databaseDir, name).
+    assert os.path.join("/somewhere/RegistrationParameters", paths[0]) == paths[0]
+
+
+def read_parameter_files(itk, paths):
+    """elastix's own parser, one file at a time (as elastix -p a -p b reads them)."""
+    parameter_object = itk.ParameterObject.New()
+    for path in paths:
+        single = itk.ParameterObject.New()
+        single.ReadParameterFile(str(path))
+        parameter_object.AddParameterMap(single.GetParameterMap(0))
+    return parameter_object
+
+
+def test_elastix_parameter_files_are_read_by_elastix_itself(tmp_path):
+    itk = pytest.importorskip("itk")
+    paths = slicer_tools.write_elastix_parameter_files(tmp_path, ("rigid", "affine", "bspline"), None, None, 10_000)
+    parameter_object = read_parameter_files(itk, paths)
+    assert parameter_object.GetNumberOfParameterMaps() == 3
+    assert parameter_object.GetParameterMap(2)["Transform"][0] == "BSplineTransform"
+    assert parameter_object.GetParameterMap(0)["WriteITKCompositeTransform"][0] == "true"
+
+
+def test_format_parameter_map_quotes_strings_only():
+    text = slicer_tools.format_parameter_map({"Transform": ["EulerTransform"], "NumberOfResolutions": ["3"],
+                                              "GridSpacing": ["10.5", "10.5", "10.5"]})
+    assert '(Transform "EulerTransform")' in text
+    assert "(NumberOfResolutions 3)" in text and "(GridSpacing 10.5 10.5 10.5)" in text
+
+
+class FakeElastixLogic:
+    """Stands in for SlicerElastix's ElastixLogic (needs the Slicer app and the elastix executable).
+
+    Records the call; on ``fail_with`` it logs like the real logic and raises CalledProcessError.
+    """
+
+    def __init__(self, fail_with: str | None = None, old_signature: bool = False):
+        self.logCallback = None
+        self.deleteTemporaryFiles = True
+        self.cancelRequested = False
+        self.calls = []
+        self.fail_with = fail_with
+        self.old_signature = old_signature
+
+    def registerVolumes(self, fixedVolumeNode, movingVolumeNode, parameterFilenames=None, outputVolumeNode=None,
+                        outputTransformNode=None, fixedVolumeMaskNode=None, movingVolumeMaskNode=None,
+                        forceDisplacementFieldOutputTransform=True, **kwargs):
+        if self.old_signature and "initialTransformNode" in kwargs:
+            raise TypeError("registerVolumes() got an unexpected keyword argument 'initialTransformNode'")
+        self.calls.append(dict(fixed=fixedVolumeNode, moving=movingVolumeNode, files=parameterFilenames,
+                               output_transform=outputTransformNode, force_field=forceDisplacementFieldOutputTransform,
+                               **kwargs))
+        self.logCallback("Register volumes...")
+        if self.fail_with:
+            self.logCallback(self.fail_with)
+            raise subprocess.CalledProcessError(1, "elastix")
+
+
+def test_run_elastix_passes_initial_transform_and_asks_for_linear_output(tmp_path):
+    logic = FakeElastixLogic()
+    run = slicer_tools.run_elastix(logic, "fixed", "moving", ["/abs/a.txt"], "out", initial_transform_node="init",
+                                   linear_output=True, keep_temporary_files=True)
+    call = logic.calls[0]
+    assert call["initialTransformNode"] == "init" and call["force_field"] is False
+    assert call["files"] == ["/abs/a.txt"] and call["output_transform"] == "out"
+    assert logic.deleteTemporaryFiles is False
+    assert "Register volumes" in run.log
+    assert logic.logCallback is None  # restored
+
+
+def test_run_elastix_failure_surfaces_elastix_error_line():
+    logic = FakeElastixLogic(fail_with="ERROR: Too many samples map outside moving image buffer: 112 / 5000")
+    with pytest.raises(RegistrationError) as info:
+        slicer_tools.run_elastix(logic, "f", "m", ["/a.txt"], "out", linear_output=False)
+    text = str(info.value)
+    assert "Too many samples map outside moving image buffer: 112 / 5000" in text
+    assert "exit code 1" in text and "Fix:" in text
+    assert logic.calls[0]["force_field"] is True
+
+
+def test_run_elastix_too_old_slicerelastix_says_update():
+    with pytest.raises(InputError, match="too old.*update SlicerElastix"):
+        slicer_tools.run_elastix(FakeElastixLogic(old_signature=True), "f", "m", ["/a.txt"], "out",
+                                 initial_transform_node="init")
+
+
+def test_run_elastix_cancel_is_reported():
+    logic = FakeElastixLogic()
+    logic.cancelRequested = True
+    with pytest.raises(Cancelled):
+        slicer_tools.run_elastix(logic, "f", "m", ["/a.txt"], "out")
+
+
+# ----------------------------------------------------------------------------------------- TotalSegmentator
+
+class FakeTotalSegmentatorLogicNew:
+    """Stands in for TotalSegmentatorLogic, current signature (quality=...)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def process(self, inputVolume, outputSegmentation, quality=None, cpu=False, task=None, subset=None,
+                interactive=False, sequenceBrowserNode=None):
+        self.calls.append(dict(quality=quality, cpu=cpu, task=task, interactive=interactive))
+
+
+class FakeTotalSegmentatorLogicOld:
+    """Stands in for TotalSegmentatorLogic, old signature (fast=True)."""
+
+    def __init__(self, fail: bool = False):
+        self.calls = []
+        self.fail = fail
+
+    def process(self, inputVolume, outputSegmentation, fast=True, cpu=False, task=None, subset=None):
+        self.calls.append(dict(fast=fast, cpu=cpu, task=task))
+        if self.fail:
+            raise subprocess.CalledProcessError(1, ["TotalSegmentator"])
+
+
+def test_totalsegmentator_new_signature_full_quality_non_interactive():
+    logic = FakeTotalSegmentatorLogicNew()
+    assert slicer_tools.run_totalsegmentator(logic, "vol", "seg", "total_mr") == "seg"
+    assert logic.calls == [dict(quality=None, cpu=False, task="total_mr", interactive=False)]
+
+
+def test_totalsegmentator_old_signature_gets_fast_flag():
+    logic = FakeTotalSegmentatorLogicOld()
+    slicer_tools.run_totalsegmentator(logic, "vol", "seg", "total", cpu=True)
+    assert logic.calls == [dict(fast=False, cpu=True, task="total")]
+
+
+def test_totalsegmentator_failure_and_task_choice():
+    with pytest.raises(RegistrationError, match="TotalSegmentator failed.*Fix:"):
+        slicer_tools.run_totalsegmentator(FakeTotalSegmentatorLogicOld(fail=True), "v", "s", "total")
+    assert slicer_tools.totalsegmentator_task("ct") == "total"
+    assert slicer_tools.totalsegmentator_task("MR") == "total_mr"
+    with pytest.raises(InputError):
+        slicer_tools.totalsegmentator_task("PET")
+    ct = sitk.GetImageFromArray(np.full((4, 4, 4), -1000, np.int16))
+    mr = sitk.GetImageFromArray(np.full((4, 4, 4), 200, np.int16))
+    assert slicer_tools.guess_modality(ct) == "CT" and slicer_tools.guess_modality(mr) == "MR"
+    ids = slicer_tools.class_ids_for_task("total_mr")
+    assert ids["liver"] == 5 and ids["aorta"] == 23
+
+
+def test_rigid_check_for_the_brainsfit_rigid_stage_warning():
+    assert slicer_tools._is_rigid(sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, 3.0, -0.4, (5.0, 6.0, 7.0)))
+    scaled = sitk.AffineTransform(3)
+    scaled.SetMatrix([1.1, 0, 0, 0, 1, 0, 0, 0, 1])
+    assert not slicer_tools._is_rigid(scaled)
+    mirrored = sitk.AffineTransform(3)
+    mirrored.SetMatrix([-1.0, 0, 0, 0, 1, 0, 0, 0, 1])
+    assert not slicer_tools._is_rigid(mirrored)
+
+
+def test_best_task_for_segment_names():
+    assert slicer_tools.best_task_for_segment_names(["liver", "lung_upper_lobe_left", "vertebrae_L1"]) == "total"
+    assert slicer_tools.best_task_for_segment_names(["liver", "lung_left", "vertebrae"]) == "total_mr"
+    assert slicer_tools.best_task_for_segment_names(["liver", "spleen"]) == "total"  # shared names: CT task
+    assert slicer_tools.best_task_for_segment_names(["Segment_1", "tumor"]) is None
+
+
+# ------------------------------------------------------------------------------------------- panel text
+
+def test_result_table_rows_global_then_per_structure():
+    report = {"metrics": {
+        "before": {"mi": 0.1234, "nmi": 1.01, "overlap_fraction_fixed": 0.5, "computed_on": "x"},
+        "after": {"mi": 0.4567, "nmi": 1.2, "overlap_fraction_fixed": 0.9},
+        "structures": {"before": {"structures": [{"name": "liver", "dice": 0.41, "centroid_distance_mm": 12.5}]},
+                       "after": {"structures": [{"name": "liver", "dice": 0.88, "centroid_distance_mm": 2.25},
+                                                {"name": "spleen", "dice": None, "centroid_distance_mm": None}]}}}}
+    rows = slicer_tools.result_table_rows(report)
+    assert rows[0] == ["mi", "0.123", "0.457"]
+    assert ["overlap_fraction_fixed", "0.500", "0.900"] in rows
+    assert all(r[0] != "computed_on" for r in rows)
+    assert ["liver: Dice", "0.410", "0.880"] in rows
+    assert ["liver: centroid distance (mm)", "12.500", "2.250"] in rows
+    assert ["spleen: Dice", "", ""] in rows
+    assert slicer_tools.result_table_rows({}) == []
+
+
+def test_diagnostics_lines_name_a_missing_shared_frame():
+    summary = {"fixed": {"name": "CT", "size": [512, 512, 409], "spacing_mm": [0.39, 0.39, 0.625],
+                         "extent_mm": [200.0, 200.0, 255.6]},
+               "moving": {"name": "MR", "size": [512, 512, 94], "spacing_mm": [0.5, 0.5, 2.5],
+                          "extent_mm": [256.0, 256.0, 235.0]},
+               "header_overlap_fraction": 0.0, "voxel_volume_ratio_moving_over_fixed": 6.6,
+               "extent_ratio_moving_over_fixed": [1.28, 1.28, 0.92]}
+    lines = slicer_tools.diagnostics_lines(summary)
+    assert lines[0].startswith("Fixed 'CT': 512 x 512 x 409 voxels, spacing 0.39 x 0.39 x 0.625 mm")
+    assert "6.6" in lines[2] and "no shared frame" in lines[3]
+    summary["header_overlap_fraction"] = 0.42
+    assert slicer_tools.diagnostics_lines(summary)[3] == "Header overlap: 42% of the smaller volume's box."
+
+
+# ---------------------------------------------------- the whole pipeline with CropVolume + BRAINSFit/Elastix
+
+slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
+
+from MultimodalPrealignLib import mrml_bridge, phantoms  # noqa: E402
+from MultimodalPrealignLib.engines import RegistrationSettings  # noqa: E402
+from MultimodalPrealignLib.geometry import grid_points  # noqa: E402
+from MultimodalPrealignLib.pipeline import PipelineOptions  # noqa: E402
+from MultimodalPrealignLib.resample import grid_for_box, make_reference  # noqa: E402
+
+
+class FakeCropVolumeLogic:
+    """Stands in for CropVolume's interpolated crop, which needs Slicer's resampling CLI (absent from the wheel).
+
+    Same geometry rules as vtkSlicerCropVolumeLogic: output grid aligned with the ROI (world axes), spacing
+    min(input) x scale when isotropic, linear interpolation, fill value outside.
+    """
+
+    def __init__(self):
+        self.parameter_nodes = []
+
+    def Apply(self, pnode):
+        self.parameter_nodes.append(pnode)
+        scene = pnode.GetScene()
+        source_node = scene.GetNodeByID(pnode.GetInputVolumeNodeID())
+        roi = scene.GetNodeByID(pnode.GetROINodeID())
+        output = scene.GetNodeByID(pnode.GetOutputVolumeNodeID())
+        source = mrml_bridge.volume_node_to_sitk(source_node)
+        spacing = np.asarray(source.GetSpacing()) * pnode.GetSpacingScalingConst()
+        if pnode.GetIsotropicResampling():
+            spacing = np.full(3, min(source.GetSpacing()) * pnode.GetSpacingScalingConst())
+        reference = make_reference(grid_for_box(mrml_bridge.box_from_roi(roi), spacing, np.eye(3)), source.GetPixelID())
+        cropped = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, pnode.GetFillValue())
+        mrml_bridge.update_volume_node_from_sitk(output, cropped)
+        return 0
+
+
+class FakeBRAINSFitCLI:
+    """Stands in for ``slicer.cli.runSync(slicer.modules.brainsfit, None, params)``.
+
+    Checks the parameters against BRAINSFit.xml, then registers the SAME nodes with the core's
+    BRAINSFit-like SimpleITK engine, starting from ``initialTransform``, and writes the output node.
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.parameters = []
+
+    def __call__(self, module, node, params):
+        from MultimodalPrealignLib.itk_engine import register_itk
+
+        assert module == "brainsfit-module" and node is None
+        check_brainsfit_names(params)
+        self.parameters.append(dict(params))
+        get = self.scene.GetNodeByID
+        fixed = sitk.Cast(mrml_bridge.volume_node_to_sitk(get(params["fixedVolume"])), sitk.sitkFloat32)
+        moving = sitk.Cast(mrml_bridge.volume_node_to_sitk(get(params["movingVolume"])), sitk.sitkFloat32)
+        initial = mrml_bridge.sitk_from_transform_node(get(params["initialTransform"]))
+        stages = tuple(s for s, flag in slicer_tools.BRAINSFIT_STAGE_FLAGS.items() if params.get(flag))
+        settings = RegistrationSettings(engine="itk", stages=stages,
+                                        sampling_percentage=params.get("samplingPercentage"),
+                                        iterations=params.get("numberOfIterations")).validate()
+        result = register_itk(fixed, moving, initial, settings)
+        output = get(params.get("linearTransform") or params["bsplineTransform"])
+        mrml_bridge.set_transform_node_from_sitk(output, result.transform)
+        return FakeCLINode(output_text="BRAINSFit (core stand-in) finished")
+
+
+@pytest.fixture()
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return phantoms.make_pair(seed=1, fixed_spacing=(5.0, 5.0, 5.0), moving_spacing=(5.0, 5.0, 6.0),
+                              rotation_deg=8.0, translation_mm=12.0, labels=False)
+
+
+def test_pipeline_with_cropvolume_and_brainsfit_puts_original_moving_volume_in_place(scene, pair, tmp_path):
+    fixed_node = mrml_bridge.add_volume_from_sitk(scene, pair.fixed, "CT")
+    moving_node = mrml_bridge.add_volume_from_sitk(scene, pair.moving, "MR")
+    crop_logic = FakeCropVolumeLogic()
+    brainsfit = FakeBRAINSFitCLI(scene)
+    services = slicer_tools.SlicerServices(scene=scene, crop_logic=crop_logic, temp_dir=str(tmp_path),
+                                           run_sync=brainsfit, brainsfit_module="brainsfit-module")
+    run = slicer_tools.SlicerToolsRun(services, "brainsfit", fixed_node, moving_node)
+    nodes_before = scene.GetNumberOfNodes()
+    options = PipelineOptions(prealign="moments", stages=("rigid",), iterations=200)
+    result = slicer_tools.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
+
+    # CropVolume got the plan's boxes and a spacing scale that yields the working spacing.
+    fixed_p, moving_p = crop_logic.parameter_nodes
+    assert fixed_p.GetInputVolumeNodeID() == fixed_node.GetID() and moving_p.GetInputVolumeNodeID() == moving_node.GetID()
+    assert not fixed_p.GetVoxelBased() and fixed_p.GetIsotropicResampling()
+    assert min(pair.fixed.GetSpacing()) * fixed_p.GetSpacingScalingConst() == pytest.approx(
+        result.crop.working_spacing_mm[0], rel=1e-6)
+    # BRAINSFit got the pre-alignment as initial transform and the overrides.
+    params = brainsfit.parameters[0]
+    assert params["initializeTransformMode"] == "Off" and params["numberOfIterations"] == 200
+    assert params["useRigid"] and "linearTransform" in params
+    # Temporary nodes (ROIs, crops, transforms, parameter nodes) are gone.
+    assert scene.GetNumberOfNodes() == nodes_before
+    # The report is the core's, naming the engine actually used.
+    assert result.report["registration"]["engine"] == "brainsfit"
+    assert result.report["crop"]["cropped_with"].startswith("Slicer CropVolume")
+    assert result.report["metrics"]["after"]["mi"] >= result.report["metrics"]["before"]["mi"] - 1e-3
+
+    # Registration accuracy against the phantom's true transform.
+    points = grid_points(pair.fixed, 6)
+    error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, points)
+    assert error < 2.5, f"mean error {error:.2f} mm"
+
+    # The final node on the ORIGINAL moving volume: a moving voxel appears at the fixed point it shows.
+    output_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MR to CT")
+    mrml_bridge.set_transform_node_from_sitk(output_node, result.transform)
+    mrml_bridge.apply_to_volume(moving_node, output_node)
+    p_fixed = np.asarray(pair.fixed.TransformContinuousIndexToPhysicalPoint([s / 2 for s in pair.fixed.GetSize()]))
+    q_true = np.asarray(pair.fixed_to_moving.TransformPoint(p_fixed.tolist()))
+    world = mrml_bridge.transform_ras_point(output_node, q_true * [-1, -1, 1])
+    assert np.linalg.norm(world - p_fixed * [-1, -1, 1]) < 3.0
+
+
+class ItkElastixStandInLogic(FakeElastixLogic):
+    """Stands in for ElastixLogic by doing what it does with itk-elastix's elastix: our parameter files,
+    the initial transform node exported to .h5 behind a ``-t0`` "File" transform, and the result read from
+    ``TransformParameters.N-Composite.h5`` into the output node (SlicerElastix's linear-output path)."""
+
+    def __init__(self, scene, tmp_path):
+        super().__init__()
+        self.scene, self.tmp_path = scene, tmp_path
+
+    def registerVolumes(self, fixedVolumeNode, movingVolumeNode, parameterFilenames=None, outputVolumeNode=None,
+                        outputTransformNode=None, fixedVolumeMaskNode=None, movingVolumeMaskNode=None,
+                        forceDisplacementFieldOutputTransform=True, initialTransformNode=None):
+        import itk
+
+        super().registerVolumes(fixedVolumeNode, movingVolumeNode, parameterFilenames, outputVolumeNode,
+                                outputTransformNode, fixedVolumeMaskNode, movingVolumeMaskNode,
+                                forceDisplacementFieldOutputTransform, initialTransformNode=initialTransformNode)
+        assert forceDisplacementFieldOutputTransform is False
+        work = self.tmp_path / "elastix-run"
+        out = work / "result-transform"
+        out.mkdir(parents=True)
+        initial = mrml_bridge.sitk_from_transform_node(initialTransformNode)
+        transforms.write_transform(initial, work / "initialTransform.h5")
+        t0 = work / "initialTransformParameter.txt"
+        t0.write_text('(InitialTransformParametersFileName "NoInitialTransform")\n(HowToCombineTransforms "Compose")\n'
+                      f'(Transform "File")\n(TransformFileName "{work / "initialTransform.h5"}")\n')
+
+        def to_itk(node):
+            image = sitk.Cast(mrml_bridge.volume_node_to_sitk(node), sitk.sitkFloat32)
+            out_image = itk.GetImageFromArray(sitk.GetArrayFromImage(image))
+            out_image.SetOrigin(image.GetOrigin())
+            out_image.SetSpacing(image.GetSpacing())
+            out_image.SetDirection(itk.matrix_from_array(np.asarray(image.GetDirection()).reshape(3, 3)))
+            return out_image
+
+        parameter_object = read_parameter_files(itk, parameterFilenames)
+        method = itk.ElastixRegistrationMethod.New(to_itk(fixedVolumeNode), to_itk(movingVolumeNode))
+        method.SetParameterObject(parameter_object)
+        method.SetInitialTransformParameterFileName(str(t0))
+        method.SetOutputDirectory(str(out))
+        method.SetLogToConsole(False)
+        method.UpdateLargestPossibleRegion()
+        composite = out / f"TransformParameters.{len(parameterFilenames) - 1}-Composite.h5"
+        result = transforms.read_transform(composite)
+        mrml_bridge.set_transform_node_from_sitk(outputTransformNode, result)
+
+
+def test_pipeline_with_slicerelastix_uses_our_parameter_files_and_initial_transform(scene, pair, tmp_path):
+    pytest.importorskip("itk")
+    fixed_node = mrml_bridge.add_volume_from_sitk(scene, pair.fixed, "CT")
+    moving_node = mrml_bridge.add_volume_from_sitk(scene, pair.moving, "MR")
+    elastix = ItkElastixStandInLogic(scene, tmp_path)
+    services = slicer_tools.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path),
+                                           elastix_logic=elastix)
+    run = slicer_tools.SlicerToolsRun(services, "elastix", fixed_node, moving_node)
+    options = PipelineOptions(prealign="moments", stages=("rigid",), iterations=150)
+    result = slicer_tools.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
+    call = elastix.calls[0]
+    assert call["initialTransformNode"] is not None and call["force_field"] is False
+    assert all(str(tmp_path) in f for f in call["files"])
+    assert result.report["registration"]["engine"].startswith("elastix")
+    error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, grid_points(pair.fixed, 6))
+    assert error < 2.5, f"mean error {error:.2f} mm"
+
+
+def test_slicer_engines_missing_are_explained(scene, tmp_path):
+    services = slicer_tools.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path))
+    with pytest.raises(InputError, match="SlicerElastix extension is not installed.*core"):
+        slicer_tools.SlicerToolsRun(services, "elastix", None, None)
+    with pytest.raises(InputError, match="BRAINSFit.*not available"):
+        slicer_tools.SlicerToolsRun(services, "brainsfit", None, None)

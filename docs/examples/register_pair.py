@@ -1,0 +1,106 @@
+"""Register a pair headlessly inside 3D Slicer with the Multimodal Prealign module.
+
+    Slicer --no-splash --no-main-window --python-script register_pair.py -- \
+        --fixed ct.nrrd --moving mr.nrrd --out result_folder [--engine brainsfit|elastix|core]
+
+Writes ``transform.h5`` (fixed->moving, ITK/LPS: load it in Slicer and put the moving volume under
+it), ``moving_resampled.nrrd`` and ``report.json`` (same content as the CLI's) into ``--out``.
+Exit codes: 0 success, 2 bad input (the message says the fix), 3 registration failed, 1 unexpected.
+Slicer does not exit by itself after a script: this one always ends with ``sys.exit``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
+
+
+def parse_args(argv):
+    if "--" in argv:
+        argv = argv[argv.index("--") + 1:]
+    parser = argparse.ArgumentParser(prog="register_pair.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--fixed", required=True, help="fixed volume file (e.g. CT)")
+    parser.add_argument("--moving", required=True, help="moving volume file (e.g. MR)")
+    parser.add_argument("--out", required=True, help="output folder (created; must not hold other files)")
+    parser.add_argument("--engine", default="brainsfit", choices=["brainsfit", "elastix", "core"])
+    parser.add_argument("--prealign", default="auto")
+    parser.add_argument("--stages", default="rigid,affine", help="comma separated: rigid,affine,bspline")
+    parser.add_argument("--sampling-percentage", type=float, default=None)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--crop-margin", type=float, default=20.0, help="mm")
+    parser.add_argument("--spacing-scale", type=float, default=1.0)
+    return parser.parse_args(argv)
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def run(args):
+    import slicer
+
+    logic = slicer.util.getModuleLogic("MultimodalPrealign")
+    if logic is None:
+        print("ERROR: the Multimodal Prealign module is not loaded. Fix: install the extension, or start Slicer "
+              "with --additional-module-paths <repo>/MultimodalPrealign.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from MultimodalPrealignLib import pipeline, transforms
+    from MultimodalPrealignLib.errors import InputError, PrealignError
+
+    out = os.path.abspath(args.out)
+    try:
+        pipeline.check_output_dir(Path(out))
+        for path, what in ((args.fixed, "fixed"), (args.moving, "moving")):
+            if not os.path.exists(path):
+                raise InputError(f"The {what} file '{path}' does not exist", "check the path")
+        fixed = slicer.util.loadVolume(args.fixed)
+        moving = slicer.util.loadVolume(args.moving)
+        result = logic.run(
+            fixed, moving, engine=args.engine, prealign=args.prealign,
+            stages=[s.strip() for s in args.stages.split(",") if s.strip()],
+            samplingPercentage=args.sampling_percentage, iterations=args.iterations,
+            cropMarginMm=args.crop_margin, spacingScale=args.spacing_scale,
+            outputVolumeNode=slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving resampled"),
+            progressCallback=lambda stage, fraction, message: print(f"[{fraction * 100:3.0f}%] {stage}: {message}",
+                                                                    flush=True))
+    except PrealignError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return err.exit_code
+    except ValueError as err:  # Slicer-side bad input
+        print(f"ERROR: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    os.makedirs(out, exist_ok=True)
+    transforms.write_transform(result.transform, os.path.join(out, "transform.h5"))
+    slicer.util.saveNode(result.outputVolumeNode, os.path.join(out, "moving_resampled.nrrd"))
+    report = dict(result.report)
+    report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
+                         "report": "report.json"}
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=_json_default)
+    for warning in result.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    print(f"Done: {out}")
+    return EXIT_OK
+
+
+def main():
+    try:
+        code = run(parse_args(sys.argv[1:]))
+    except SystemExit as err:  # argparse errors
+        code = err.code if isinstance(err.code, int) else EXIT_BAD_INPUT
+    except Exception:
+        traceback.print_exc()
+        code = EXIT_UNEXPECTED
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
