@@ -49,7 +49,8 @@ def test_cli_writes_outputs_that_map_points_like_the_true_transform(tmp_path):
     code = cli.main(["register", "--fixed", str(tmp_path / "fixed.nrrd"), "--moving", str(tmp_path / "moving.nii.gz"),
                      "--out", str(out), "--prealign", "geometry", "--stages", "rigid", "--quiet"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["moving_resampled.nrrd", "report.json", "transform.h5"]
+    assert sorted(p.name for p in out.iterdir()) == ["moving_resampled.nrrd", "pictures", "report.html",
+                                                     "report.json", "transform.h5"]
     # transform.h5 read back by SimpleITK maps fixed points like the true transform
     written = sitk.ReadTransform(str(out / "transform.h5"))
     points = phantoms.body_points(pair, n=500)
@@ -66,8 +67,23 @@ def test_cli_writes_outputs_that_map_points_like_the_true_transform(tmp_path):
     assert report["settings"]["engine_settings_used"]["sampling_percentage"] == 0.002
     assert report["settings"]["engine_settings_used"]["iterations"] == 1500
     assert report["prealign"]["method"] == "geometry"
+    assert report["verdict"] == "PASS", report["verdict_reasons"]
     assert report["metrics"]["after"]["mi"] > report["metrics"]["before"]["mi"]
     assert set(report["timings_s"]) >= {"load", "prealign", "crop", "register", "metrics", "write", "total"}
+
+
+def test_verdict_fail_sets_exit_code_4_and_no_report_skips_pictures(tmp_path):
+    # A wrong initial pose the registration cannot fix (head-feet flip) with fallback disabled -> FAIL, exit 4.
+    pair = _pair(6, rotation_deg=0.0, translation_mm=0.0, flip=True)
+    sitk.WriteImage(pair.fixed, str(tmp_path / "fixed.nrrd"))
+    sitk.WriteImage(pair.moving, str(tmp_path / "moving.nrrd"))
+    out = tmp_path / "out"
+    code = cli.main(["register", "--fixed", str(tmp_path / "fixed.nrrd"), "--moving", str(tmp_path / "moving.nrrd"),
+                     "--out", str(out), "--prealign", "geometry", "--stages", "rigid", "--no-fallback",
+                     "--no-report", "--iterations", "50", "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "FAIL" and code == 4, report["verdict_reasons"]
+    assert not (out / "report.html").exists() and not (out / "pictures").exists()
 
 
 def test_overrides_reach_the_engine_and_the_report():
@@ -98,3 +114,14 @@ def test_moments_prealignment_uses_foreground_not_raw_ct_values():
     true_offset = transforms.to_matrix(pair.fixed_to_moving)[:3, 3]
     found = transforms.to_matrix(result.transform)[:3, 3]
     assert np.linalg.norm(found - true_offset) < 5.0
+
+
+def test_fail_verdict_triggers_fallback_to_the_other_engine_and_is_reported():
+    pair = _pair(6, rotation_deg=0.0, translation_mm=0.0, flip=True)
+    options = PipelineOptions(prealign="geometry", stages=("rigid",), iterations=50)
+    result = run_pipeline(pair.fixed, pair.moving, options)
+    fallback = result.report["fallback"]
+    assert fallback["used"] is True
+    assert [a["engine"] for a in fallback["attempts"]][:2] == ["itk", "elastix"]
+    assert fallback["attempts"][0]["verdict"] == "FAIL"
+    assert any("fallback" in w for w in result.warnings) or fallback["chosen"] == 0

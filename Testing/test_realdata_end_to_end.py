@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import SimpleITK as sitk
+
 from MultimodalPrealignLib import cli, transforms
 
 REPORT_KEYS = ("tool", "inputs", "settings", "prealign", "crop", "registration", "transform", "metrics",

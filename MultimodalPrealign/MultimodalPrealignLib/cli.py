@@ -1,4 +1,6 @@
-"""Command line: ``multimodal-prealign register|demo|...``. Exit codes: 0 success, 2 bad input, 3 failure.
+"""Command line: ``multimodal-prealign register|demo|...``.
+
+Exit codes: 0 success (verdict PASS or WARN), 2 bad input, 3 a stage failed, 4 the verdict is FAIL.
 
 Stage modules add their own subcommands: each module named in COMMAND_MODULES may define
 ``add_cli(subparsers)`` that adds a parser with ``set_defaults(handler=fn)``; ``fn(args) -> int``.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__, engines, prealign
@@ -54,6 +57,10 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep per-axis working spacing instead of isotropic voxels")
     parser.add_argument("--max-working-voxels", type=int, default=None, metavar="N",
                         help="cap on the fixed working grid's voxel count (default 1500000)")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="do not retry with the next pre-alignment candidate or the other engine on a FAIL verdict")
+    parser.add_argument("--no-report", action="store_true",
+                        help="batch use: metrics and verdict in report.json only, no pictures and no report.html")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -63,7 +70,8 @@ def options_from_args(args: argparse.Namespace):
     options = PipelineOptions(prealign=args.prealign, engine=args.engine, stages=args.stages,
                               sampling_percentage=args.sampling_percentage, iterations=args.iterations,
                               seed=args.seed, crop_margin_mm=args.crop_margin, spacing_scale=args.spacing_scale,
-                              isotropic=not args.no_isotropic)
+                              isotropic=not args.no_isotropic, fallback=not args.no_fallback,
+                              no_report=args.no_report)
     if args.max_working_voxels is not None:
         options.max_working_voxels = args.max_working_voxels
     for name in ("fixed_labels_task", "moving_labels_task"):
@@ -84,21 +92,106 @@ def _summary(result, out_dir: Path) -> str:
         lines.append(f"transform: rotation {t['rotation_deg']:.1f} deg, translation "
                      f"{', '.join(f'{v:.1f}' for v in t['translation_mm'])} mm (fixed->moving, LPS)")
     before, after = result.report["metrics"]["before"], result.report["metrics"]["after"]
-    lines.append(f"mutual information: {before['mi']:.3f} after pre-alignment -> {after['mi']:.3f} after registration")
+    lines.append(f"normalised mutual information: {before['nmi']:.3f} after pre-alignment -> {after['nmi']:.3f} "
+                 "after registration")
     for warning in result.warnings:
         lines.append(f"warning: {warning}")
-    lines.append(f"outputs: {out_dir / 'transform.h5'}, {out_dir / 'moving_resampled.nrrd'}, {out_dir / 'report.json'}")
+    reasons = result.report.get("verdict_reasons") or []
+    lines.append(f"verdict: {result.report.get('verdict')}" + (f" ({reasons[0]})" if reasons else ""))
+    names = ["transform.h5", "moving_resampled.nrrd", "report.json"]
+    if (out_dir / "report.html").exists():
+        names.append("report.html")
+    lines.append("outputs: " + ", ".join(str(out_dir / name) for name in names))
     return "\n".join(lines)
 
 
 def run_register(args: argparse.Namespace) -> int:
     from .pipeline import register_files
+    from .verdict import exit_code_for
 
+    if args.report_only:
+        return run_report_only(args)
+    if args.transform is not None:
+        raise InputError("--transform is only used with --report-only", "add --report-only, or drop --transform")
+    if args.moving_landmarks is not None and args.landmarks is None:
+        raise InputError("--moving-landmarks needs --landmarks (the fixed image's points)", "add --landmarks F")
     options = options_from_args(args)
-    result = register_files(args.fixed, args.moving, args.out, options, args.fixed_labels, args.moving_labels,
-                            _progress(args), command=["multimodal-prealign", *sys.argv[1:]])
+    with tempfile.TemporaryDirectory(prefix="mmp_labels_") as scratch:
+        fixed_labels, moving_labels = segment_if_asked(args, Path(scratch))
+        options = options_from_args(args)  # --segment may have set the label tasks
+        result = register_files(args.fixed, args.moving, args.out, options, fixed_labels, moving_labels,
+                                _progress(args), command=["multimodal-prealign", *sys.argv[1:]],
+                                landmarks_path=args.landmarks, moving_landmarks_path=args.moving_landmarks)
     print(_summary(result, Path(args.out)))
-    return 0
+    return exit_code_for(result.report.get("verdict"))
+
+
+def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
+    """Label maps for --segment fixed|moving|both: TotalSegmentator runs where no label map was given.
+
+    Its label files go to ``scratch`` (deleted after the run)."""
+    fixed_labels, moving_labels = args.fixed_labels, args.moving_labels
+    if not args.segment:
+        return fixed_labels, moving_labels
+    from . import image_io, labels, totalseg
+
+    for which in ("fixed", "moving"):
+        if args.segment not in (which, "both") or getattr(args, f"{which}_labels") is not None:
+            continue
+        path = getattr(args, which)
+        image = image_io.load_image(path, f"{which} image")
+        modality = "ct" if labels.looks_like_ct(image) else "mr"
+        task = totalseg.task_for_modality(modality)
+        target = scratch / f"{which}_labels_{task}.nii.gz"
+        totalseg.segment(path, task, fast=args.fast_segment, out_path=target)
+        setattr(args, f"{which}_labels_task", getattr(args, f"{which}_labels_task") or task)
+        if which == "fixed":
+            fixed_labels = target
+        else:
+            moving_labels = target
+    return fixed_labels, moving_labels
+
+
+def run_report_only(args: argparse.Namespace) -> int:
+    """--report-only: judge a given transform (no registration); writes report.json, pictures, report.html."""
+    from . import image_io, pipeline, qa, transforms
+    from .verdict import exit_code_for
+
+    if args.transform is None:
+        raise InputError("--report-only needs the transform to judge", "add --transform DIR/transform.h5")
+    transform_path = Path(args.transform)
+    if not transform_path.is_file():
+        raise InputError(f"The transform file '{transform_path}' does not exist", "check the path given to --transform")
+    try:
+        transform = transforms.read_transform(transform_path)
+    except RuntimeError:
+        raise InputError(f"Cannot read '{transform_path}' as an ITK transform",
+                         "give a .h5/.tfm/.txt transform file (fixed->moving, as register writes)") from None
+    out_dir = Path(args.out)
+    pipeline.check_output_dir(out_dir)
+    fixed = image_io.load_image(args.fixed, "fixed image")
+    moving = image_io.load_image(args.moving, "moving image")
+    fixed_labels = moving_labels = pairs = None
+    if args.fixed_labels and args.moving_labels:
+        fixed_labels, fixed_task = pipeline.load_labels(args.fixed_labels, fixed, "fixed label map", "fixed image")
+        moving_labels, moving_task = pipeline.load_labels(args.moving_labels, moving, "moving label map", "moving image")
+        from .metrics import structure_pairs
+
+        pairs = structure_pairs(args.fixed_labels_task or fixed_task, args.moving_labels_task or moving_task)
+    landmark_pairs = None
+    if args.landmarks is not None:
+        from .landmarks import load_landmark_pairs
+
+        landmark_pairs = load_landmark_pairs(args.landmarks, args.moving_landmarks)
+    report = qa.report_for_transform(fixed, moving, transform, out_dir, fixed_labels=fixed_labels,
+                                     moving_labels=moving_labels, pairs=pairs, landmarks=landmark_pairs,
+                                     write_pictures=not args.no_report,
+                                     extra={"command": ["multimodal-prealign", *sys.argv[1:]],
+                                            "transform_file": str(transform_path.resolve())})
+    reasons = report.get("verdict_reasons") or []
+    print(f"verdict: {report.get('verdict')}" + (f" ({reasons[0]})" if reasons else ""))
+    print(f"outputs: {out_dir / 'report.json'}" + ("" if args.no_report else f", {out_dir / 'report.html'}"))
+    return exit_code_for(report.get("verdict"))
 
 
 def demo_pair() -> tuple[Path, Path]:
@@ -121,8 +214,11 @@ def run_demo(args: argparse.Namespace) -> int:
     result = register_files(fixed, moving, args.out, options, None, None, _progress(args),
                             command=["multimodal-prealign", *sys.argv[1:]])
     print(_summary(result, Path(args.out)))
-    print(f"demo finished: open {Path(args.out).resolve()} (load transform.h5 in 3D Slicer and apply it to the MR)")
-    return 0
+    print(f"demo finished: open {Path(args.out).resolve()} (report.html shows the result; load transform.h5 in "
+          "3D Slicer and apply it to the MR)")
+    from .verdict import exit_code_for
+
+    return exit_code_for(result.report.get("verdict"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "moving_resampled.nrrd, report.json", description=(
                              "Register MOVING to FIXED. Writes DIR/transform.h5 (ITK transform mapping FIXED physical "
                              "LPS points to MOVING points; apply it to the moving volume in Slicer), "
-                             "DIR/moving_resampled.nrrd and DIR/report.json. Exit codes: 0 ok, 2 bad input, 3 failed."))
+                             "DIR/moving_resampled.nrrd, DIR/report.json, DIR/report.html and DIR/pictures/. "
+                             "Exit codes: 0 verdict PASS or WARN, 4 verdict FAIL, 2 bad input, 3 a stage failed."))
     reg.add_argument("--fixed", required=True, help="fixed image: .nrrd, .nii(.gz), .mha/.mhd or a DICOM series folder")
     reg.add_argument("--moving", required=True, help="moving image (same formats)")
     reg.add_argument("--out", required=True, help="output folder (new, empty, or holding a previous run's outputs)")
@@ -144,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-labels", default=None, help="label map of the moving image")
     reg.add_argument("--fixed-labels-task", default=None, help="TotalSegmentator task of --fixed-labels (e.g. total)")
     reg.add_argument("--moving-labels-task", default=None, help="TotalSegmentator task of --moving-labels (e.g. total_mr)")
+    reg.add_argument("--segment", choices=("fixed", "moving", "both"), default=None,
+                     help="run TotalSegmentator (optional extra) on these images first (task total for CT, total_mr "
+                          "for MR); needs its model weights (TOTALSEG_HOME_DIR / TOTALSEG_WEIGHTS_PATH)")
+    reg.add_argument("--fast-segment", action="store_true", help="TotalSegmentator's fast (3 mm) models")
+    reg.add_argument("--landmarks", default=None, metavar="F",
+                     help="landmarks for target registration errors: a paired CSV (fixed_x..moving_z, LPS or RAS "
+                          "stated), or the fixed image's points (.mrk.json, .fcsv) with --moving-landmarks")
+    reg.add_argument("--moving-landmarks", default=None, metavar="F", help="the moving image's landmark points")
+    reg.add_argument("--report-only", action="store_true",
+                     help="do not register: judge the transform given with --transform and write the report")
+    reg.add_argument("--transform", default=None, metavar="T", help="with --report-only: the transform to judge")
     add_registration_arguments(reg)
     reg.set_defaults(handler=run_register)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 EXIT_BAD_INPUT = 2
 #: CLI exit code when the pipeline ran but a stage failed (engine error, no overlap after search).
 EXIT_FAILED = 3
+#: CLI exit code when the run finished but its QA verdict is FAIL (PASS and WARN exit with 0).
+EXIT_VERDICT_FAIL = 4
 
 
 class PrealignError(Exception):

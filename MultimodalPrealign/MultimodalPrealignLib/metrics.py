@@ -42,7 +42,7 @@ def mutual_information(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: s
     f, m = f[inside], m[inside]
     f_range = _robust_range(f)
     m_range = _robust_range(m)
-    hist, _, _ = np.histogram2d(np.clip(f, *f_range), np.clip(m, *m_range), bins=bins, range=[f_range, m_range])
+    hist = joint_histogram(f, m, f_range, m_range, bins)
     p = hist / hist.sum()
     pf, pm = p.sum(1), p.sum(0)
     nz = p > 0
@@ -51,6 +51,18 @@ def mutual_information(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: s
     h_m = -np.sum(pm[pm > 0] * np.log(pm[pm > 0]))
     return {"mi": round(float(h_f + h_m - h_joint), 6), "nmi": round(float((h_f + h_m) / max(h_joint, 1e-12)), 6),
             "samples": count}
+
+
+def _bin_index(values: np.ndarray, value_range: tuple[float, float], bins: int) -> np.ndarray:
+    lo, hi = value_range
+    index = np.floor((values.astype(np.float64) - lo) * (bins / (hi - lo))).astype(np.int64)
+    return np.clip(index, 0, bins - 1)
+
+
+def joint_histogram(f: np.ndarray, m: np.ndarray, f_range, m_range, bins: int) -> np.ndarray:
+    """bins x bins joint histogram of ``f`` and ``m`` clipped to their ranges (as np.histogram2d, faster)."""
+    flat = _bin_index(f, f_range, bins) * bins + _bin_index(m, m_range, bins)
+    return np.bincount(flat, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
 
 
 def _robust_range(values: np.ndarray) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, crop, engines, geometry, image_io, metrics, prealign, transforms
-from .errors import InputError
+from .errors import InputError, RegistrationError
 from .masks import padding_value
 from .progress import Progress
 
@@ -51,6 +51,10 @@ class PipelineOptions:
     fixed_labels_task: str | None = None
     moving_labels_task: str | None = None
     prealign_options: dict = field(default_factory=dict)
+    #: on a FAIL verdict, retry with the next pre-alignment candidate, then the other engine
+    fallback: bool = True
+    #: metrics and verdict only: no pictures and no report.html (batch use)
+    no_report: bool = False
 
     def registration_settings(self) -> engines.RegistrationSettings:
         return engines.RegistrationSettings(engine=self.engine, stages=tuple(self.stages),
@@ -84,6 +88,8 @@ class PipelineResult:
     engine: engines.EngineResult
     report: dict
     warnings: list
+    initial: sitk.Transform | None = None  # the initial transform of the chosen attempt (fixed -> moving)
+    structure_pairs: list | None = None  # (name, fixed_ids, moving_ids) compared in the metrics
 
 
 def _optional_module(name: str):
@@ -108,19 +114,43 @@ def _validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
     return mask
 
 
+#: Metrics and pictures are computed on copies of the inputs no finer than this (mm).
+QA_SPACING_MM = 2.0
+#: At most this many attempts (the normal run plus fallbacks) when the verdict is FAIL.
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class _AttemptResult:
+    label: str
+    initial: sitk.Transform
+    engine: str
+    plan: crop.CropPlan | None
+    result: engines.EngineResult | None
+    timings: dict
+
+
 def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None = None,
                  fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
-                 progress: Progress | None = None, crop_fn=None, register_fn=None) -> PipelineResult:
+                 progress: Progress | None = None, crop_fn=None, register_fn=None,
+                 landmarks=None) -> PipelineResult:
     """Pre-align, crop and register ``moving`` to ``fixed``; returns the composed fixed->moving transform.
 
-    ``crop_fn`` (signature of :func:`crop.apply_crop`) and ``register_fn`` (of :func:`engines.register`)
-    replace the core's crop and engine steps; the Slicer module passes CropVolume and BRAINSFit/SlicerElastix.
+    Every attempt is measured (:func:`qa.evaluate`) and judged (PASS/WARN/FAIL); on FAIL the run falls back to
+    the next distinct pre-alignment candidate, then to the other engine (``options.fallback``), and keeps the
+    best attempt. ``crop_fn`` (signature of :func:`crop.apply_crop`) and ``register_fn`` (of
+    :func:`engines.register`) replace the core's crop and engine steps; the Slicer module passes CropVolume and
+    BRAINSFit/SlicerElastix (then only pre-alignment candidates are tried on fallback). ``landmarks``:
+    :class:`landmarks.LandmarkPairs` for target registration errors.
     """
+    from . import qa
+
+    custom_engine = register_fn is not None
     crop_fn = crop_fn or crop.apply_crop
     register_fn = register_fn or engines.register
     options = (options or PipelineOptions()).validate()
     progress = progress or Progress()
-    settings = options.registration_settings()
+    base_settings = options.registration_settings()
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -151,31 +181,69 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
         diagnostics = diagnostics_module.diagnose_pair(fixed, moving, pre.transform, pre.method)
         timings["diagnose"] = time.perf_counter() - t
 
-    progress.report("crop", 0.4, "cropping to the overlap and resampling")
     t = time.perf_counter()
-    plan = crop.plan_crop(fixed_f, moving_f, pre.transform, options.crop_margin_mm, options.spacing_scale,
-                          options.isotropic, options.max_working_voxels, pre.method)
-    fixed_work, moving_work = crop_fn(fixed, moving, plan)
-    fixed_mask = _validity_mask(fixed_work, fixed)
-    moving_mask = _validity_mask(moving_work, moving)
-    timings["crop"] = time.perf_counter() - t
-    progress.report("crop", 0.5, f"working spacing {plan.working_spacing_mm[0]:.2f} mm, "
-                    f"fixed {fixed_work.GetSize()}, moving {moving_work.GetSize()}")
+    fixed_qa, moving_qa = qa.working_copy(fixed_f, QA_SPACING_MM), qa.working_copy(moving_f, QA_SPACING_MM)
+    pairs = None
+    if fixed_labels is not None and moving_labels is not None:
+        pairs = metrics.structure_pairs(options.fixed_labels_task, options.moving_labels_task)
+    timings["qa_setup"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    result = register_fn(fixed_work, moving_work, pre.transform, settings, progress, fixed_mask, moving_mask)
-    timings["register"] = time.perf_counter() - t
-    warnings.extend(result.warnings)
-    final = result.transform
+    def attempt(choice, engine: str):
+        label, initial = choice
+        record = _AttemptResult(label, initial, engine, None, None, {})
+        settings = engines.RegistrationSettings(**{**base_settings.to_dict(), "engine": engine}).validate()
+        t0 = time.perf_counter()
+        progress.report("crop", 0.4, f"cropping to the overlap ({label})")
+        try:
+            plan = crop.plan_crop(fixed_f, moving_f, initial, options.crop_margin_mm, options.spacing_scale,
+                                  options.isotropic, options.max_working_voxels, label)
+        except InputError as err:
+            if choice is choices[0]:
+                raise  # no overlap after the chosen pre-alignment: the user's problem to fix
+            return {"error": err.one_line(), "metrics": {}}, record
+        fixed_work, moving_work = crop_fn(fixed, moving, plan)
+        fixed_mask = _validity_mask(fixed_work, fixed)
+        moving_mask = _validity_mask(moving_work, moving)
+        record.plan = plan
+        record.timings["crop"] = time.perf_counter() - t0
+        progress.report("crop", 0.5, f"working spacing {plan.working_spacing_mm[0]:.2f} mm, "
+                        f"fixed {fixed_work.GetSize()}, moving {moving_work.GetSize()}")
+        t0 = time.perf_counter()
+        try:
+            record.result = register_fn(fixed_work, moving_work, initial, settings, progress, fixed_mask, moving_mask)
+        except RegistrationError as err:
+            record.timings["register"] = time.perf_counter() - t0
+            return {"error": err.one_line(), "metrics": {}}, record
+        record.timings["register"] = time.perf_counter() - t0
+        progress.report("metrics", 0.9, "measuring before/after and judging the result")
+        t0 = time.perf_counter()
+        block = qa.evaluate(fixed_qa, moving_qa, initial, record.result.transform, fixed_labels, moving_labels,
+                            landmarks, pairs, working_spacing_mm=QA_SPACING_MM)
+        record.timings["metrics"] = time.perf_counter() - t0
+        block = {"computed_on": f"copies of the inputs at {QA_SPACING_MM:g} mm or coarser", **block}
+        return {"metrics": block}, record
 
-    progress.report("metrics", 0.92, "measuring before/after")
-    t = time.perf_counter()
-    before = metrics.alignment_metrics(fixed_work, moving_work, pre.transform)
-    after = metrics.alignment_metrics(fixed_work, moving_work, final)
-    timings["metrics"] = time.perf_counter() - t
-    if after["mi"] < before["mi"] - 1e-3:
-        warnings.append(f"mutual information decreased during registration ({before['mi']:.3f} -> {after['mi']:.3f}); "
-                        "check the result visually")
+    choices = [(pre.method, pre.transform)]
+    if options.fallback:
+        for label, candidate in qa.prealign_candidate_transforms(pre.candidates):
+            if _distinct_pose(candidate, pre.transform, fixed_f):
+                choices.append((f"{pre.method} candidate: {label}", candidate))
+    engine_order = [options.engine]
+    if options.fallback and not custom_engine:
+        engine_order += [e for e in engines.ENGINES if e != options.engine]
+    plan_list = qa.fallback_plan(choices, engine_order, MAX_ATTEMPTS) if options.fallback else [(choices[0], options.engine)]
+    qa_report, chosen, index = qa.run_with_fallback(attempt, plan_list)
+    if chosen.result is None:  # every attempt raised a registration error: report the first one
+        raise RegistrationError(qa_report["error"].split(" Fix: ")[0],
+                                qa_report["error"].split(" Fix: ")[1].rstrip(".") if " Fix: " in qa_report["error"]
+                                else None)
+    if index > 0:
+        warnings.append(f"automatic fallback: the first attempt failed its checks; used {chosen.label} with the "
+                        f"{chosen.engine} engine")
+    final = chosen.result.transform
+    warnings.extend(chosen.result.warnings)
+    for key, value in chosen.timings.items():
+        timings[key] = value
     timings["total"] = time.perf_counter() - started
 
     report = {
@@ -184,24 +252,41 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "convention": "transforms map FIXED physical points to MOVING physical points (LPS mm, ITK resampling "
                       "direction); apply transform.h5 to the moving volume in Slicer to align it",
+        "verdict": qa_report.get("verdict"),
+        "verdict_reasons": qa_report.get("verdict_reasons", []),
         "inputs": {"fixed": geometry.describe_image(fixed), "moving": geometry.describe_image(moving),
                    "fixed_labels": None if fixed_labels is None else geometry.describe_image(fixed_labels),
-                   "moving_labels": None if moving_labels is None else geometry.describe_image(moving_labels)},
-        "settings": {**options.to_dict(), "prealign_used": pre.method, "engine_settings_used": result.settings_used},
+                   "moving_labels": None if moving_labels is None else geometry.describe_image(moving_labels),
+                   "landmarks": None if landmarks is None else len(landmarks.labels)},
+        "settings": {**options.to_dict(), "prealign_used": pre.method, "engine_used": chosen.engine,
+                     "engine_settings_used": chosen.result.settings_used},
         "diagnostics": diagnostics,
         "prealign": {"method": pre.method, "requested": options.prealign, "transform": transforms.summarize(pre.transform),
-                     "details": pre.details, "candidates": pre.candidates},
-        "crop": plan.details,
-        "registration": {"engine": settings.engine, "stages": result.stages,
+                     "initial_transform_used": chosen.label, "details": pre.details, "candidates": pre.candidates},
+        "crop": chosen.plan.details,
+        "registration": {"engine": chosen.engine, "stages": chosen.result.stages,
                          "transform": transforms.summarize(final),
-                         "correction_after_prealign": _correction(pre.transform, final)},
+                         "correction_after_prealign": _correction(chosen.initial, final)},
         "transform": {"file": "transform.h5", "summary": transforms.summarize(final)},
-        "metrics": {"computed_on": "working grids (cropped, resampled)", "before": before, "after": after},
+        "metrics": qa_report["metrics"],
+        "qa_checks": qa_report.get("qa_checks", []),
+        "fallback": qa_report.get("fallback"),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "warnings": warnings,
     }
-    progress.report("done", 0.94, f"registration pipeline finished in {timings['total']:.1f} s")
-    return PipelineResult(final, pre, plan, result, report, warnings)
+    progress.report("done", 0.94, f"registration pipeline finished in {timings['total']:.1f} s "
+                    f"(verdict {report['verdict']})")
+    result = PipelineResult(final, pre, chosen.plan, chosen.result, report, warnings)
+    result.initial = chosen.initial
+    result.structure_pairs = pairs
+    return result
+
+
+def _distinct_pose(candidate: sitk.Transform, reference: sitk.Transform, fixed: sitk.Image,
+                   min_distance_mm: float = 10.0) -> bool:
+    """True when the two poses send the fixed image's points more than ``min_distance_mm`` apart on average."""
+    points = geometry.grid_points(fixed, 6)
+    return transforms.mean_point_error(candidate, reference, points) > min_distance_mm
 
 
 def _correction(pre: sitk.Transform, final: sitk.Transform) -> dict | None:
@@ -240,8 +325,9 @@ def load_labels(path, reference: sitk.Image, label_name: str, image_name: str):
 
 def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | None = None,
                    fixed_labels_path=None, moving_labels_path=None, progress: Progress | None = None,
-                   command: list | None = None) -> PipelineResult:
-    """Run the pipeline on files and write transform.h5, moving_resampled.nrrd and report.json atomically."""
+                   command: list | None = None, landmarks_path=None, moving_landmarks_path=None) -> PipelineResult:
+    """Run the pipeline on files; write transform.h5, moving_resampled.nrrd, report.json, report.html and
+    pictures/ atomically (a staging folder moved into place at the end)."""
     options = (options or PipelineOptions()).validate()
     progress = progress or Progress()
     out_dir = Path(out_dir)
@@ -257,9 +343,14 @@ def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | 
     if moving_labels_path is not None:
         moving_labels, task = load_labels(moving_labels_path, moving, "moving label map", "moving image")
         options.moving_labels_task = options.moving_labels_task or task
+    landmark_pairs = None
+    if landmarks_path is not None:
+        from .landmarks import load_landmark_pairs
+
+        landmark_pairs = load_landmark_pairs(landmarks_path, moving_landmarks_path)
     load_seconds = time.perf_counter() - t
 
-    result = run_pipeline(fixed, moving, options, fixed_labels, moving_labels, progress)
+    result = run_pipeline(fixed, moving, options, fixed_labels, moving_labels, progress, landmarks=landmark_pairs)
     report = result.report
     report["timings_s"]["load"] = round(load_seconds, 3)
     report["inputs"]["fixed"]["path"] = str(Path(fixed_path).resolve())
@@ -281,6 +372,15 @@ def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | 
         image_io.write_image(resample_moving(fixed, moving, result.transform), staging / "moving_resampled.nrrd")
         report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
                              "report": "report.json"}
+        if not options.no_report:
+            report["outputs"].update({"report_html": "report.html", "pictures": "pictures/"})
+        from . import qa
+
+        qa_started = time.perf_counter()
+        qa.finish_report(report, staging, fixed, moving, result.initial or result.prealign.transform,
+                         result.transform, fixed_labels, moving_labels, result.structure_pairs,
+                         write_pictures=not options.no_report)
+        report["timings_s"]["report"] = round(time.perf_counter() - qa_started, 3)
         report["timings_s"]["write"] = round(time.perf_counter() - t, 3)
         report["timings_s"]["total_with_io"] = round(report["timings_s"]["total"] + load_seconds
                                                      + report["timings_s"]["write"], 3)
