@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
@@ -60,7 +61,9 @@ partial field of view, very different voxel sizes, head-first vs feet-first, no 
 <li>Optionally segment both with TotalSegmentator (buttons) to enable anatomy-based pre-alignment
 and per-structure metrics.</li>
 <li>Apply: pre-alignment, crop to the overlap (CropVolume), registration (BRAINSFit, SlicerElastix or the
-built-in engine), then a before/after table. The moving volume is placed under the output transform.</li>
+built-in engine). The moving volume is placed under the output transform.</li>
+<li>Quality check: a PASS/WARN/FAIL verdict with its reasons, the metrics as a table node, before/after
+pictures (click to enlarge) and a report.html with everything.</li>
 </ol>
 See the <a href="{DOCS_URL}">user guide</a> for the console API and headless use.
 """
@@ -162,6 +165,9 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._cancelRequested = False
         self._running = False
         self._lastResult = None
+        self._diagnosticsKey = None
+        self._diagnosticsText = ""
+        self._pictureButtons = []
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -181,6 +187,8 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.showBeforeButton.connect("clicked(bool)", lambda: self.onShow("before"))
         self.ui.showAfterButton.connect("clicked(bool)", lambda: self.onShow("after"))
         self.ui.showCheckerboardButton.connect("clicked(bool)", lambda: self.onShow("checkerboard"))
+        self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
+        self.ui.openReportFolderButton.connect("clicked(bool)", self.onOpenReportFolder)
 
         available = totalSegmentatorAvailable()
         self.ui.segmentFixedButton.visible = available
@@ -191,6 +199,7 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = ""
         self._setResultButtonsEnabled(False)
+        self.clearQualityCheck()
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -207,6 +216,9 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        self._lastResult = None
+        self._diagnosticsKey = None
+        self.clearQualityCheck()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -240,7 +252,23 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.ui.applyButton.toolTip = "Pre-align, crop and register the moving volume to the fixed volume"
         self.ui.segmentFixedButton.enabled = bool(p.fixedVolume) and not self._running
         self.ui.segmentMovingButton.enabled = bool(p.movingVolume) and not self._running
-        self.ui.diagnosticsLabel.text = diagnosticsText(p.fixedVolume, p.movingVolume) if ready else ""
+        self._updateDiagnostics(p.fixedVolume, p.movingVolume, ready)
+
+    def _updateDiagnostics(self, fixedVolume, movingVolume, ready):
+        """Pair diagnostics as soon as both volumes are selected; computed once per pair (about a second)."""
+        if not ready:
+            self._diagnosticsKey = None
+            self.ui.diagnosticsTextEdit.setPlainText("Select two different volumes to see the pair's diagnostics.")
+            return
+        key = diagnosticsKey(fixedVolume, movingVolume)
+        if key != self._diagnosticsKey:
+            self._diagnosticsKey = key
+            self.ui.diagnosticsTextEdit.setPlainText("Diagnosing the pair...")
+            slicer.app.processEvents()
+            with slicer.util.WaitCursor():
+                self._diagnosticsText = diagnosticsText(fixedVolume, movingVolume, self.logic)
+        if self.ui.diagnosticsTextEdit.toPlainText() != self._diagnosticsText:
+            self.ui.diagnosticsTextEdit.setPlainText(self._diagnosticsText)
 
     def _stages(self):
         p = self._parameterNode
@@ -282,6 +310,7 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     samplingPercentage=p.samplingPercentage or None, iterations=p.iterations or None,
                     cropMarginMm=p.cropMarginMm, spacingScale=p.spacingScale, isotropic=p.isotropic,
                     outputTransformNode=p.outputTransform, outputVolumeNode=p.outputVolume,
+                    outputTableNode=self._reusableTableNode(p.fixedVolume, p.movingVolume),
                     progressCallback=self._progress, cancelRequested=self._cancelRequestedCallback)
                 self._lastResult = result
                 self.showResults(result)
@@ -289,20 +318,68 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         finally:
             self._setRunning(False)
 
+    def _reusableTableNode(self, fixedVolume, movingVolume):
+        """The previous run's table node when it was made for the same pair and is still in the scene."""
+        last = self._lastResult
+        if last is None or last.tableNode is None or last.tableNode.GetScene() is None:
+            return None
+        slicerInfo = last.report.get("slicer") or {}
+        samePair = (slicerInfo.get("fixed_volume_node"), slicerInfo.get("moving_volume_node")) == (
+            fixedVolume.GetID(), movingVolume.GetID())
+        return last.tableNode if samePair else None
+
     def showResults(self, result):
-        rows = slicer_tools.result_table_rows(result.report)
-        table = self.ui.resultsTable
-        table.clear()
-        table.setColumnCount(3)
-        table.setHorizontalHeaderLabels(["Measure", "Before", "After"])
-        table.setRowCount(len(rows))
-        for r, row in enumerate(rows):
-            for c, value in enumerate(row):
-                table.setItem(r, c, qt.QTableWidgetItem(value))
-        table.resizeColumnsToContents()
         warnings = "; ".join(result.warnings)
-        self.ui.statusLabel.text = "Done." + (f" Warnings: {warnings}" if warnings else "")
+        self.ui.statusLabel.text = f"Done. Verdict: {result.verdict}." + (f" Warnings: {warnings}" if warnings else "")
+        diagnostics = result.report.get("diagnostics")
+        if diagnostics:  # the run's own diagnostics also know the overlap after pre-alignment
+            self._diagnosticsText = formatDiagnostics(diagnostics)
+            self.ui.diagnosticsTextEdit.setPlainText(self._diagnosticsText)
+        self.showQualityCheck(result)
         self._setResultButtonsEnabled(True)
+
+    # -- quality check section
+    def clearQualityCheck(self):
+        self.ui.verdictLabel.text = "Apply to see the verdict, the metrics table and the pictures."
+        self.ui.qualityTableView.setMRMLTableNode(None)
+        self._clearPictures()
+        self.ui.picturesHintLabel.text = ""
+        self.ui.openReportButton.enabled = False
+        self.ui.openReportFolderButton.enabled = False
+
+    def _clearPictures(self):
+        layout = self.ui.picturesWidget.layout()
+        for button in self._pictureButtons:
+            layout.removeWidget(button)
+            button.setParent(None)
+            button.deleteLater()
+        self._pictureButtons = []
+
+    def showQualityCheck(self, result):
+        """Verdict line, the metrics table node, one thumbnail per picture (click: full size), report buttons."""
+        self.ui.verdictLabel.text = slicer_tools.verdict_rich_text(result.verdict, result.verdictReasons)
+        self.ui.qualityTableView.setMRMLTableNode(result.tableNode)
+        self.ui.qualityTableView.resizeColumnsToContents()
+        self._clearPictures()
+        layout = self.ui.picturesWidget.layout()
+        base = result.reportDirectory or ""
+        for entry in slicer_tools.picture_entries(result.pictures, base):
+            button = pictureThumbnailButton(entry["path"], entry["title"], entry["tooltip"])
+            layout.addWidget(button, entry["row"], entry["column"])
+            self._pictureButtons.append(button)
+        self.ui.picturesHintLabel.text = ("Pictures (click one to open it full size):" if self._pictureButtons else
+                                          "No pictures were written for this run.")
+        self.ui.openReportButton.enabled = bool(result.reportHtmlPath)
+        self.ui.openReportFolderButton.enabled = bool(result.reportDirectory)
+        self.ui.qualityCollapsibleButton.collapsed = False
+
+    def onOpenReport(self):
+        if self._lastResult is not None and self._lastResult.reportHtmlPath:
+            openLocalFile(self._lastResult.reportHtmlPath)
+
+    def onOpenReportFolder(self):
+        if self._lastResult is not None and self._lastResult.reportDirectory:
+            openLocalFile(self._lastResult.reportDirectory)
 
     def _setResultButtonsEnabled(self, enabled):
         for button in (self.ui.showBeforeButton, self.ui.showAfterButton, self.ui.showCheckerboardButton):
@@ -339,13 +416,58 @@ def totalSegmentatorAvailable():
     return hasattr(slicer.modules, "totalsegmentator")
 
 
-def diagnosticsText(fixedVolume, movingVolume):
-    """Short header-only diagnostics shown as soon as both volumes are selected."""
+def diagnosticsKey(fixedVolume, movingVolume):
+    """Identifies a pair and the state of its voxels, so the diagnostics are not recomputed needlessly."""
+    def state(node):
+        image = node.GetImageData()
+        return node.GetID(), image.GetMTime() if image is not None else 0, str(node.GetSpacing())
+
+    return state(fixedVolume), state(movingVolume)
+
+
+def formatDiagnostics(diagnosticsDict):
+    from MultimodalPrealignLib import diagnostics
+
+    return diagnostics.format_diagnostics(diagnosticsDict)
+
+
+def diagnosticsText(fixedVolume, movingVolume, logic=None):
+    """The pair's diagnostics (``diagnostics.format_diagnostics``, headers trusted) shown when both are selected.
+
+    Falls back to header-only lines when the voxels cannot be diagnosed (e.g. a volume without image data).
+    """
     try:
-        summary = mrml_bridge.pair_header_summary(fixedVolume, movingVolume)
+        return formatDiagnostics((logic or MultimodalPrealignLogic()).pairDiagnostics(fixedVolume, movingVolume))
+    except Exception as err:
+        logging.info("MultimodalPrealign: full pair diagnostics unavailable: %s", err)
+        lines = [f"Full diagnostics unavailable: {err}"]
+    try:
+        lines += slicer_tools.diagnostics_lines(mrml_bridge.pair_header_summary(fixedVolume, movingVolume))
     except Exception as err:  # a volume without image data yet
-        return f"Diagnostics unavailable: {err}"
-    return "\n".join(slicer_tools.diagnostics_lines(summary))
+        lines.append(f"Header summary unavailable: {err}")
+    return "\n".join(lines)
+
+
+def openLocalFile(path):
+    """Open a file or folder with the desktop's default application (browser for .html, viewer for .png)."""
+    qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(path)))
+
+
+def pictureThumbnailButton(path, title, toolTip):
+    """A flat button showing the picture scaled to a thumbnail; clicking opens the full-size PNG."""
+    button = qt.QToolButton()
+    pixmap = qt.QPixmap(str(path))
+    size = slicer_tools.THUMBNAIL_PIXELS
+    if not pixmap.isNull():
+        pixmap = pixmap.scaled(size, size, qt.Qt.KeepAspectRatio, qt.Qt.SmoothTransformation)
+        button.setIcon(qt.QIcon(pixmap))
+        button.setIconSize(pixmap.size())
+    button.setToolButtonStyle(qt.Qt.ToolButtonTextUnderIcon)
+    button.setAutoRaise(True)
+    button.text = title
+    button.toolTip = toolTip
+    button.connect("clicked()", lambda: openLocalFile(path))
+    return button
 
 
 #
@@ -359,14 +481,24 @@ class MultimodalPrealignResult:
     outputTransformNode: the transform node the ORIGINAL moving volume is placed under (fixed->moving
     resampling transform, pre-alignment and registration composed). report: same content as the CLI's
     report.json. warnings: list of strings. transform: the SimpleITK transform (fixed->moving, LPS).
+    Quality check: verdict ('PASS', 'WARN' or 'FAIL') and verdictReasons (list of sentences); tableNode (a
+    vtkMRMLTableNode with the rows of ``qa.metrics_table``); reportDirectory, reportHtmlPath and pictures
+    ({name: absolute PNG path}), all None/empty when the run was asked not to write a report.
     """
 
-    def __init__(self, outputTransformNode, report, warnings, transform, outputVolumeNode=None):
+    def __init__(self, outputTransformNode, report, warnings, transform, outputVolumeNode=None, tableNode=None,
+                 reportDirectory=None, reportHtmlPath=None, pictures=None):
         self.outputTransformNode = outputTransformNode
         self.report = report
         self.warnings = warnings
         self.transform = transform
         self.outputVolumeNode = outputVolumeNode
+        self.tableNode = tableNode
+        self.reportDirectory = reportDirectory
+        self.reportHtmlPath = reportHtmlPath
+        self.pictures = dict(pictures or {})
+        self.verdict = report.get("verdict")
+        self.verdictReasons = list(report.get("verdict_reasons") or [])
 
 
 class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
@@ -374,7 +506,7 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("MultimodalPrealign")
         result = logic.run(fixedVolumeNode, movingVolumeNode, engine="brainsfit", stages=["rigid", "affine"])
-        print(result.report["metrics"]["after"], result.warnings)
+        print(result.verdict, result.verdictReasons, result.reportHtmlPath)
     """
 
     def __init__(self):
@@ -400,11 +532,16 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
     def run(self, fixedVolumeNode, movingVolumeNode, fixedSegmentation=None, movingSegmentation=None,
             prealign="auto", engine="brainsfit", coreEngine="itk", stages=("rigid", "affine"),
             samplingPercentage=None, iterations=None, cropMarginMm=20.0, spacingScale=1.0, isotropic=True,
-            seed=0, outputTransformNode=None, outputVolumeNode=None, progressCallback=None, cancelRequested=None):
+            seed=0, outputTransformNode=None, outputVolumeNode=None, outputTableNode=None, reportDirectory=None,
+            writeReport=True, progressCallback=None, cancelRequested=None):
         """Register ``movingVolumeNode`` to ``fixedVolumeNode``; returns a :class:`MultimodalPrealignResult`.
 
         engine: 'brainsfit' (Slicer's BRAINSFit), 'elastix' (SlicerElastix) or 'core' (the built-in
         SimpleITK/itk-elastix engines, ``coreEngine`` 'itk' or 'elastix'; works without extensions).
+        Quality check: the metrics table goes into ``outputTableNode`` (a vtkMRMLTableNode, created when
+        None); the pictures, report.html and report.json go into ``reportDirectory`` (default: a new folder
+        under Slicer's temporary folder; it may hold only a previous run's outputs). ``writeReport=False``
+        computes the verdict and the table only and writes no files.
         Raises ValueError (InputError) with the cause and the fix for bad input.
         """
         ensurePythonRequirements(needElastix=(engine == "core" and coreEngine == "elastix"))
@@ -420,6 +557,8 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
             raise InputError(f"Unknown engine '{engine}'", "use " + ", ".join(ENGINES))
         mrml_bridge.check_not_transformed(fixedVolumeNode, "fixed volume")
         mrml_bridge.check_not_transformed(movingVolumeNode, "moving volume", allowed_transform_node=outputTransformNode)
+        if writeReport and reportDirectory is not None:  # refuse a folder of someone else's files before the run
+            pipeline.check_output_dir(Path(reportDirectory).resolve())
         options = pipeline.PipelineOptions(
             prealign=prealign, engine=coreEngine if engine == "core" else "itk", stages=tuple(stages),
             sampling_percentage=samplingPercentage, iterations=iterations, seed=seed, crop_margin_mm=cropMarginMm,
@@ -454,10 +593,43 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
 
             shutil.rmtree(tempDir, ignore_errors=True)
         report = result.report
-        report.setdefault("slicer", {})["output_transform_node"] = outputTransformNode.GetID()
-        logging.info("MultimodalPrealign finished: %s", report.get("metrics", {}).get("after"))
+        report.setdefault("slicer", {}).update({"output_transform_node": outputTransformNode.GetID(),
+                                                "fixed_volume_node": fixedVolumeNode.GetID(),
+                                                "moving_volume_node": movingVolumeNode.GetID()})
+        # The result is in place now: the quality check runs to its end (no cancellation point).
+        announce = progressCallback or (lambda stage, fraction, message: None)
+        announce("report", 0.96, "quality check: verdict, pictures and report.html")
+        if outputTableNode is None:
+            outputTableNode = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLTableNode", f"{movingVolumeNode.GetName()} to {fixedVolumeNode.GetName()} quality check")
+        report["slicer"]["table_node"] = outputTableNode.GetID()
+        if writeReport and reportDirectory is None:
+            reportDirectory = slicer_tools.new_report_directory(
+                self.reportRootDirectory(), movingVolumeNode.GetName(), fixedVolumeNode.GetName())
+        outputs = slicer_tools.write_quality_check(
+            report, reportDirectory, fixed, moving, result.initial or result.prealign.transform, result.transform,
+            fixedLabels, movingLabels, result.structure_pairs, write_pictures=writeReport)
+        slicer_tools.fill_quality_table(outputTableNode, report)
+        outputTableNode.SetAttribute("MultimodalPrealign.ReportDirectory", outputs["directory"] or "")
+        announce("report", 1.0, f"verdict {report.get('verdict')}"
+                 + (f"; report in {outputs['directory']}" if outputs["directory"] else ""))
+        logging.info("MultimodalPrealign finished: verdict %s, report %s", report.get("verdict"), outputs["html"])
         return MultimodalPrealignResult(outputTransformNode, report, list(result.warnings), result.transform,
-                                        outputVolumeNode)
+                                        outputVolumeNode, tableNode=outputTableNode,
+                                        reportDirectory=outputs["directory"], reportHtmlPath=outputs["html"],
+                                        pictures=outputs["pictures"])
+
+    def reportRootDirectory(self):
+        """Where per-run report folders go by default: Slicer's temporary folder."""
+        return slicer.app.temporaryPath
+
+    def pairDiagnostics(self, fixedVolumeNode, movingVolumeNode):
+        """``diagnostics.diagnose_pair`` of two volume nodes with the headers trusted (no pre-alignment): ~1 s."""
+        from MultimodalPrealignLib import diagnostics
+
+        fixed = mrml_bridge.volume_node_to_sitk(fixedVolumeNode, "fixed volume")
+        moving = mrml_bridge.volume_node_to_sitk(movingVolumeNode, "moving volume")
+        return diagnostics.diagnose_pair(fixed, moving, None, "header")
 
     def _labels(self, segmentationNode, volumeNode, options, which):
         """Label map (TotalSegmentator class ids) of a segmentation on its volume's grid, and its task."""
@@ -591,6 +763,10 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
         result = MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"])
         self.assertIn("metrics", result.report)
         self._checkAccuracy(pair, result, moving)
+        self.assertIn(result.verdict, ("PASS", "WARN", "FAIL"))
+        self.assertGreater(result.tableNode.GetNumberOfRows(), 3)
+        self.assertTrue(os.path.isfile(result.reportHtmlPath))
+        self.assertTrue(result.pictures and all(os.path.isfile(path) for path in result.pictures.values()))
         self.delayDisplay("Core engine passed")
 
     def test_brainsfit_engine(self):
@@ -622,5 +798,11 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
         widget._parameterNode.fixedVolume = fixed
         widget._parameterNode.movingVolume = moving
         self.assertTrue(widget.ui.applyButton.enabled)
-        self.assertIn("Fixed 'phantom CT'", widget.ui.diagnosticsLabel.text)
+        self.assertIn("Pair diagnostics", widget.ui.diagnosticsTextEdit.toPlainText())
+        result = MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"])
+        widget._lastResult = result
+        widget.showResults(result)
+        self.assertIn(result.verdict, widget.ui.verdictLabel.text)
+        self.assertEqual(widget.ui.qualityTableView.mrmlTableNode().GetID(), result.tableNode.GetID())
+        self.assertEqual(len(widget._pictureButtons), len(result.pictures))
         self.delayDisplay("Widget test passed")

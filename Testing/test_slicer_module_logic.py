@@ -9,6 +9,7 @@ for real. BRAINSFit and CropVolume's interpolated crop are the doubles from test
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import types
 from pathlib import Path
@@ -53,6 +54,8 @@ def fake_slicer_app_modules() -> dict:
     wrapper.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
 
     class FakeSlicerApp:
+        temporaryPath = None  # set per test to a pytest tmp folder
+
         def connect(self, *args):
             pass
 
@@ -61,8 +64,9 @@ def fake_slicer_app_modules() -> dict:
 
 
 @pytest.fixture()
-def module(monkeypatch):
+def module(monkeypatch, tmp_path):
     fakes = fake_slicer_app_modules()
+    fakes["app"].temporaryPath = str(tmp_path / "slicer-temp")
     monkeypatch.setitem(sys.modules, "qt", fakes["qt"])
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", fakes["slicer.ScriptedLoadableModule"])
     monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", fakes["slicer.parameterNodeWrapper"])
@@ -99,7 +103,37 @@ def check_result(pair, result, moving_node, limit_mm=2.5):
     assert np.linalg.norm(world - p * [-1, -1, 1]) < limit_mm + 1.0
 
 
-def test_console_run_with_core_engine(module, pair):
+def table_cells(table_node) -> list:
+    return [[table_node.GetCellText(r, c) for c in range(table_node.GetNumberOfColumns())]
+            for r in range(table_node.GetNumberOfRows())]
+
+
+def check_quality_outputs(result, report_dir: Path) -> None:
+    """Verdict set, table node = qa.metrics_table, every picture and report.html/json in the run's folder."""
+    from MultimodalPrealignLib import qa
+
+    assert result.verdict in ("PASS", "WARN", "FAIL")
+    assert result.verdict == result.report["verdict"] and result.verdictReasons
+    columns, rows = qa.metrics_table(result.report)
+    table = result.tableNode
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == list(columns)
+    assert table_cells(table) == rows
+    assert rows[0] == ["Verdict", "", "", result.verdict]
+    assert table.GetLocked() and table.GetAttribute("MultimodalPrealign.Verdict") == result.verdict
+    assert Path(result.reportDirectory) == report_dir.resolve()
+    assert Path(result.reportHtmlPath) == report_dir.resolve() / "report.html"
+    assert result.verdict in Path(result.reportHtmlPath).read_text(encoding="utf-8")
+    saved = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    assert saved["verdict"] == result.verdict and saved["pictures"] == result.report["pictures"]
+    assert saved["slicer"]["table_node"] == table.GetID()
+    assert set(result.pictures) == set(result.report["pictures"]) >= {"fusion_before", "fusion_after",
+                                                                      "checkerboard_after", "edges_after"}
+    for path in result.pictures.values():
+        assert Path(path).is_absolute() and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in report_dir.parent.iterdir() if ".partial-" in p.name]  # staging folder removed
+
+
+def test_console_run_with_core_engine(module, pair, tmp_path):
     fixed, moving = add_pair(pair)
     output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
     seen = []
@@ -109,13 +143,25 @@ def test_console_run_with_core_engine(module, pair):
     check_result(pair, result, moving)
     assert result.report["registration"]["engine"] == "itk"
     assert result.report["slicer"]["output_transform_node"] == result.outputTransformNode.GetID()
-    assert {"prealign", "crop", "done"} <= set(seen)
+    assert result.report["slicer"]["table_node"] == result.tableNode.GetID()
+    assert {"prealign", "crop", "done", "report"} <= set(seen)
     resampled = mrml_bridge.volume_node_to_sitk(output)
     assert resampled.GetSize() == pair.fixed.GetSize()
-    # Running again on the moving volume that now sits under our own output transform is allowed.
+    # Default report folder: a new per-run folder under Slicer's temporary path, named after the pair.
+    report_dir = Path(result.reportDirectory)
+    assert report_dir.parent == (tmp_path / "slicer-temp" / "MultimodalPrealign").resolve()
+    assert report_dir.name.endswith("_MR_to_CT")
+    check_quality_outputs(result, report_dir)
+    assert result.tableNode.GetName() == "MR to CT quality check"
+    # Running again on the moving volume that now sits under our own output transform is allowed; the table
+    # node and a given report folder holding only our outputs are reused (rows replaced, not appended).
     again = module.MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"],
-                                                 iterations=200, outputTransformNode=result.outputTransformNode)
+                                                 iterations=200, outputTransformNode=result.outputTransformNode,
+                                                 outputTableNode=result.tableNode, reportDirectory=report_dir)
     assert again.outputTransformNode.GetID() == result.outputTransformNode.GetID()
+    assert again.tableNode.GetID() == result.tableNode.GetID()
+    check_quality_outputs(again, report_dir)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
 
 
 def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
@@ -130,10 +176,18 @@ def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
 
     monkeypatch.setattr(module.MultimodalPrealignLogic, "slicerServices", services)
     result = module.MultimodalPrealignLogic().run(fixed, moving, engine="brainsfit", prealign="moments",
-                                                  stages=["rigid"], iterations=200, samplingPercentage=0.05)
+                                                  stages=["rigid"], iterations=200, samplingPercentage=0.05,
+                                                  writeReport=False)
     check_result(pair, result, moving)
     assert result.report["registration"]["engine"] == "brainsfit"
     assert brainsfit.parameters[0]["samplingPercentage"] == 0.05
+    # writeReport=False: verdict and table node only, no files anywhere.
+    from MultimodalPrealignLib import qa
+
+    assert result.verdict in ("PASS", "WARN", "FAIL")
+    assert table_cells(result.tableNode) == qa.metrics_table(result.report)[1]
+    assert (result.reportDirectory, result.reportHtmlPath, result.pictures) == (None, None, {})
+    assert not (Path(slicer.app.temporaryPath) / "MultimodalPrealign").exists()
 
 
 def test_console_run_rejects_bad_input_with_value_error(module, pair):
@@ -185,8 +239,267 @@ def test_segmentations_become_task_label_maps(module, pair):
             np.testing.assert_array_equal(got == ids[name], want == ids[name])
 
 
-def test_panel_diagnostics_text_from_nodes(module, pair):
+def test_report_folder_holding_other_files_is_refused_before_anything_is_written(module, pair, tmp_path):
     fixed, moving = add_pair(pair)
-    text = module.diagnosticsText(fixed, moving)
-    assert text.startswith("Fixed 'CT': 68 x 48 x 108 voxels, spacing 5 x 5 x 5 mm")
-    assert "Header overlap" in text or "no shared frame" in text
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="already holds other files.*Fix:"):
+        module.MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"],
+                                             iterations=20, reportDirectory=folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_panel_diagnostics_text_from_nodes(module, pair):
+    from MultimodalPrealignLib import diagnostics
+
+    fixed, moving = add_pair(pair)
+    logic = module.MultimodalPrealignLogic()
+    text = module.diagnosticsText(fixed, moving, logic)
+    expected = diagnostics.format_diagnostics(diagnostics.diagnose_pair(pair.fixed, pair.moving, None, "header"))
+    assert text.startswith("Pair diagnostics (physical LPS mm")
+    assert text.splitlines()[:12] == expected.splitlines()[:12]  # same table as `multimodal-prealign diagnose`
+    assert "68 x 48 x 108" in text and "Advice:" in text
+    # A volume without voxels: the header-only lines, and the reason the full diagnostics are missing.
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    text = module.diagnosticsText(fixed, empty, logic)
+    assert text.startswith("Full diagnostics unavailable:")
+    assert "Fixed 'CT': 68 x 48 x 108 voxels" in text
+
+
+def test_diagnostics_key_changes_with_the_pair_and_the_voxels(module, pair):
+    fixed, moving = add_pair(pair)
+    key = module.diagnosticsKey(fixed, moving)
+    assert module.diagnosticsKey(fixed, moving) == key
+    assert module.diagnosticsKey(moving, fixed) != key
+    fixed.GetImageData().Modified()
+    assert module.diagnosticsKey(fixed, moving) != key
+
+
+# ----------------------------------------------------------------------------- the panel's Quality check section
+
+class FakeQtNamespace:
+    """Stand-in for ``qt.Qt`` (enum values only)."""
+
+    KeepAspectRatio, SmoothTransformation, ToolButtonTextUnderIcon, WaitCursor = range(4)
+
+
+class FakeSize:
+    def __init__(self, width, height):
+        self.w, self.h = width, height
+
+    def width(self):
+        return self.w
+
+    def height(self):
+        return self.h
+
+
+class FakeQPixmap:
+    """Stand-in for ``qt.QPixmap``: reads the PNG's size with Pillow; ``scaled`` keeps the aspect ratio."""
+
+    def __init__(self, path=None, size=None):
+        self.path = path
+        if size is None and path is not None and Path(path).is_file():
+            from PIL import Image
+
+            with Image.open(path) as image:
+                size = image.size
+        self._size = size
+
+    def isNull(self):
+        return self._size is None
+
+    def size(self):
+        return FakeSize(*self._size)
+
+    def scaled(self, width, height, aspect_mode, transform_mode):
+        assert aspect_mode == FakeQtNamespace.KeepAspectRatio
+        factor = min(width / self._size[0], height / self._size[1])
+        return FakeQPixmap(self.path, (round(self._size[0] * factor), round(self._size[1] * factor)))
+
+
+class FakeQToolButton:
+    """Stand-in for ``qt.QToolButton`` (PythonQt style: properties as attributes, ``connect(signal, slot)``)."""
+
+    def __init__(self):
+        self.text, self.toolTip, self.icon, self.iconSize, self.parent, self.deleted = "", "", None, None, "layout", False
+        self.slots = {}
+
+    def setIcon(self, icon):
+        self.icon = icon
+
+    def setIconSize(self, size):
+        self.iconSize = size
+
+    def setToolButtonStyle(self, style):
+        assert style == FakeQtNamespace.ToolButtonTextUnderIcon
+
+    def setAutoRaise(self, on):
+        pass
+
+    def connect(self, signal, slot):
+        self.slots[signal] = slot
+
+    def click(self):
+        self.slots["clicked()"]()
+
+    def setParent(self, parent):
+        self.parent = parent
+
+    def deleteLater(self):
+        self.deleted = True
+
+
+class FakeQDesktopServices:
+    opened: list = []
+
+    @classmethod
+    def openUrl(cls, url):
+        cls.opened.append(url)
+        return True
+
+
+class FakeQUrl:
+    @staticmethod
+    def fromLocalFile(path):
+        return f"file://{path}"
+
+
+class FakeQApplication:
+    @staticmethod
+    def setOverrideCursor(cursor):
+        pass
+
+    @staticmethod
+    def restoreOverrideCursor():
+        pass
+
+
+class FakeGridLayout:
+    def __init__(self):
+        self.cells = {}
+
+    def addWidget(self, widget, row, column):
+        self.cells[(row, column)] = widget
+
+    def removeWidget(self, widget):
+        self.cells = {k: v for k, v in self.cells.items() if v is not widget}
+
+
+class FakePanel:
+    """Stand-in for the widgets of MultimodalPrealign.ui the Quality check and diagnostics code touch."""
+
+    class Widget:
+        def __init__(self, **attributes):
+            self.__dict__.update(attributes)
+
+    def __init__(self):
+        grid = FakeGridLayout()
+        self.verdictLabel = self.Widget(text="")
+        self.picturesHintLabel = self.Widget(text="")
+        self.statusLabel = self.Widget(text="")
+        self.openReportButton = self.Widget(enabled=True)
+        self.openReportFolderButton = self.Widget(enabled=True)
+        self.qualityCollapsibleButton = self.Widget(collapsed=True)
+        self.picturesWidget = self.Widget(layout=lambda: grid)
+        self.shown_table = "unset"
+        self.qualityTableView = self.Widget(setMRMLTableNode=lambda node: setattr(self, "shown_table", node),
+                                            resizeColumnsToContents=lambda: None)
+        self.diagnostics_text = ""
+        self.diagnosticsTextEdit = self.Widget(setPlainText=lambda text: setattr(self, "diagnostics_text", text),
+                                               toPlainText=lambda: self.diagnostics_text)
+        for name in ("showBeforeButton", "showAfterButton", "showCheckerboardButton"):
+            setattr(self, name, self.Widget(enabled=False))
+
+
+@pytest.fixture()
+def panel(module, monkeypatch):
+    """The module's widget with FakePanel as its ``ui`` and the Qt classes it uses replaced by named doubles."""
+    for name, fake in (("Qt", FakeQtNamespace), ("QPixmap", FakeQPixmap), ("QIcon", lambda pixmap: ("icon", pixmap)),
+                       ("QToolButton", FakeQToolButton), ("QDesktopServices", FakeQDesktopServices),
+                       ("QUrl", FakeQUrl), ("QApplication", FakeQApplication)):
+        monkeypatch.setattr(module.qt, name, fake, raising=False)
+    monkeypatch.setattr(slicer.app, "processEvents", lambda: None, raising=False)
+    FakeQDesktopServices.opened = []
+    widget = module.MultimodalPrealignWidget()
+    widget.ui = FakePanel()
+    widget.logic = module.MultimodalPrealignLogic()
+    return widget
+
+
+def quick_result(module, pair, tmp_path, fallback_note=False):
+    """A MultimodalPrealignResult with real QA outputs (identity 'registration'; no engine run, ~1 s)."""
+    from MultimodalPrealignLib import diagnostics, qa
+
+    fixed_node, moving_node = add_pair(pair)
+    report = {"metrics": qa.evaluate(pair.fixed, pair.moving, transforms.identity(), pair.fixed_to_moving,
+                                     working_spacing_mm=5.0, probes=False),
+              "diagnostics": diagnostics.diagnose_pair(pair.fixed, pair.moving, pair.fixed_to_moving, "given"),
+              "verdict_reasons": ["NOTE: automatic fallback: attempt 2 was used"] if fallback_note else [],
+              "slicer": {"fixed_volume_node": fixed_node.GetID(), "moving_volume_node": moving_node.GetID()}}
+    outputs = slicer_tools.write_quality_check(report, tmp_path / "run", pair.fixed, pair.moving,
+                                               transforms.identity(), pair.fixed_to_moving)
+    table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "quality")
+    slicer_tools.fill_quality_table(table, report)
+    result = module.MultimodalPrealignResult(None, report, ["a warning"], pair.fixed_to_moving, tableNode=table,
+                                             reportDirectory=outputs["directory"], reportHtmlPath=outputs["html"],
+                                             pictures=outputs["pictures"])
+    return result, fixed_node, moving_node
+
+
+def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pair, tmp_path):
+    result, fixed_node, moving_node = quick_result(module, pair, tmp_path, fallback_note=True)
+    panel.clearQualityCheck()
+    assert panel.ui.shown_table is None and not panel.ui.openReportButton.enabled
+    assert panel.ui.verdictLabel.text.startswith("Apply to see the verdict")
+
+    panel._lastResult = result
+    panel.showResults(result)
+    ui = panel.ui
+    assert ui.statusLabel.text == f"Done. Verdict: {result.verdict}. Warnings: a warning"
+    assert f">{result.verdict}</b>" in ui.verdictLabel.text
+    assert "NOTE: automatic fallback: attempt 2 was used" in ui.verdictLabel.text
+    assert ui.shown_table is result.tableNode and not ui.qualityCollapsibleButton.collapsed
+    assert ui.diagnostics_text.startswith("Pair diagnostics") and "given" in ui.diagnostics_text
+    # One thumbnail per picture: row = kind, column 0 = before, 1 = after; at most THUMBNAIL_PIXELS wide/high.
+    cells = ui.picturesWidget.layout().cells
+    assert len(cells) == len(result.pictures) == len(panel._pictureButtons)
+    assert {button.text for button in cells.values()} >= {"Fusion: before", "Fusion: after"}
+    assert all(column in (0, 1) for _, column in cells)
+    for button in cells.values():
+        size = button.iconSize
+        assert max(size.width(), size.height()) == slicer_tools.THUMBNAIL_PIXELS
+    fusion_after = next(b for b in cells.values() if b.text == "Fusion: after")
+    fusion_after.click()
+    assert FakeQDesktopServices.opened[-1] == f"file://{result.pictures['fusion_after']}"
+    assert ui.openReportButton.enabled and ui.openReportFolderButton.enabled
+    panel.onOpenReport()
+    panel.onOpenReportFolder()
+    assert FakeQDesktopServices.opened[-2:] == [f"file://{result.reportHtmlPath}", f"file://{result.reportDirectory}"]
+    # The same pair reuses the table node on the next Apply; another pair gets a new one.
+    assert panel._reusableTableNode(fixed_node, moving_node) is result.tableNode
+    assert panel._reusableTableNode(moving_node, fixed_node) is None
+    # A new result replaces the thumbnails (old buttons removed and deleted); clearing empties the section.
+    old_buttons = list(panel._pictureButtons)
+    panel.showQualityCheck(result)
+    assert all(b.deleted and b.parent is None for b in old_buttons)
+    assert len(ui.picturesWidget.layout().cells) == len(result.pictures)
+    panel.clearQualityCheck()
+    assert ui.picturesWidget.layout().cells == {} and ui.shown_table is None
+
+
+def test_panel_diagnostics_appear_once_per_pair(module, panel, pair, monkeypatch):
+    fixed_node, moving_node = add_pair(pair)
+    calls = []
+    real = panel.logic.pairDiagnostics
+    monkeypatch.setattr(panel.logic, "pairDiagnostics", lambda f, m: calls.append((f, m)) or real(f, m))
+    panel._updateDiagnostics(fixed_node, moving_node, True)
+    assert panel.ui.diagnostics_text.startswith("Pair diagnostics") and len(calls) == 1
+    panel._updateDiagnostics(fixed_node, moving_node, True)  # e.g. another parameter changed: no recomputation
+    assert len(calls) == 1
+    panel._updateDiagnostics(None, None, False)
+    assert panel.ui.diagnostics_text.startswith("Select two different volumes")
+    panel._updateDiagnostics(fixed_node, moving_node, True)
+    assert len(calls) == 2 and panel.ui.diagnostics_text.startswith("Pair diagnostics")

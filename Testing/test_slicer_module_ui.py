@@ -127,10 +127,35 @@ def test_widget_classes_fit_the_field_types(tree, ui):
 
 def test_node_selectors_get_the_scene(ui):
     widgets = ui_widgets(ui)
-    selectors = {n for n, (cls, _) in widgets.items() if cls == "qMRMLNodeComboBox"}
+    selectors = {n for n, (cls, _) in widgets.items() if cls in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    assert "qualityTableView" in selectors
     receivers = {c.findtext("receiver") for c in ui.iter("connection")
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
     assert selectors <= receivers, f"selectors without setMRMLScene: {sorted(selectors - receivers)}"
+
+
+def test_every_non_qt_widget_class_is_declared_as_custom_widget(ui):
+    """Designer and slicer.util.loadUI need a <customwidget> entry (base class, header) for Slicer/CTK widgets."""
+    declared = {c.findtext("class"): c.findtext("extends") for c in ui.iter("customwidget")}
+    used = {cls for cls, _ in ui_widgets(ui).values()}
+    missing = {cls for cls in used if not cls.startswith("Q")} - set(declared)
+    assert not missing, f"custom widget classes not declared: {sorted(missing)}"
+    assert declared["qMRMLTableView"] == "QTableView"
+
+
+def test_quality_check_section_holds_its_widgets(ui):
+    """Verdict, table view, thumbnails and report buttons live in the collapsible 'Quality check' section."""
+    section = next(w for w in ui.iter("widget") if w.get("name") == "qualityCollapsibleButton")
+    assert section.get("class") == "ctkCollapsibleButton"
+    assert section.find("property[@name='text']/string").text == "Quality check"
+    inside = {w.get("name"): w.get("class") for w in section.iter("widget")}
+    assert {"verdictLabel": "QLabel", "qualityTableView": "qMRMLTableView", "picturesWidget": "QWidget",
+            "openReportButton": "QPushButton", "openReportFolderButton": "QPushButton"}.items() <= inside.items()
+    pictures = next(w for w in section.iter("widget") if w.get("name") == "picturesWidget")
+    assert pictures.find("layout").get("class") == "QGridLayout"  # thumbnails go in row = kind, column = stage
+    diagnostics = next(w for w in ui.iter("widget") if w.get("name") == "diagnosticsTextEdit")
+    assert diagnostics.get("class") == "QPlainTextEdit"
+    assert diagnostics.find("property[@name='readOnly']/bool").text == "true"
 
 
 def test_choices_match_the_core(tree):
@@ -196,8 +221,13 @@ def test_user_guide_console_snippet_matches_the_logic(tree):
         assert {k.arg for k in call.keywords} <= parameters
     mentioned = set(re.findall(r"`(\w+)`", guide.split("Other keywords of `run`")[1].split("\n\n")[0]))
     assert {m for m in mentioned if m[0].islower() and m not in ("run", "engine", "core", "itk", "elastix")} <= parameters
+    result_class = class_def(tree, "MultimodalPrealignResult")
+    init = next(f for f in result_class.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    attributes = {t.attr for node in ast.walk(init) if isinstance(node, ast.Assign) for t in node.targets
+                  if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self"}
+    assert {"tableNode", "pictures", "reportHtmlPath", "reportDirectory", "verdict", "verdictReasons"} <= attributes
     for attribute in re.findall(r"result\.(\w+)", guide):
-        assert attribute in ("outputTransformNode", "report", "warnings", "transform"), attribute
+        assert attribute in attributes, attribute
 
 
 def test_user_guide_headless_command_matches_the_script():

@@ -320,21 +320,113 @@ def test_best_task_for_segment_names():
 
 # ------------------------------------------------------------------------------------------- panel text
 
-def test_result_table_rows_global_then_per_structure():
-    report = {"metrics": {
-        "before": {"mi": 0.1234, "nmi": 1.01, "overlap_fraction_fixed": 0.5, "computed_on": "x"},
-        "after": {"mi": 0.4567, "nmi": 1.2, "overlap_fraction_fixed": 0.9},
-        "structures": {"before": {"structures": [{"name": "liver", "dice": 0.41, "centroid_distance_mm": 12.5}]},
-                       "after": {"structures": [{"name": "liver", "dice": 0.88, "centroid_distance_mm": 2.25},
-                                                {"name": "spleen", "dice": None, "centroid_distance_mm": None}]}}}}
-    rows = slicer_tools.result_table_rows(report)
-    assert rows[0] == ["mi", "0.123", "0.457"]
-    assert ["overlap_fraction_fixed", "0.500", "0.900"] in rows
-    assert all(r[0] != "computed_on" for r in rows)
-    assert ["liver: Dice", "0.410", "0.880"] in rows
-    assert ["liver: centroid distance (mm)", "12.500", "2.250"] in rows
-    assert ["spleen: Dice", "", ""] in rows
-    assert slicer_tools.result_table_rows({}) == []
+def test_verdict_rich_text_colours_escapes_and_cuts_reasons():
+    from MultimodalPrealignLib.report_html import VERDICT_STYLE
+
+    reasons = ["FAIL: overlap < 10%", "WARN: NMI gain <b>small</b>", "WARN: third", "WARN: fourth"]
+    text = slicer_tools.verdict_rich_text("FAIL", reasons, max_reasons=2)
+    assert f'color:{VERDICT_STYLE["FAIL"][0]}' in text and ">FAIL</b>" in text
+    assert "overlap &lt; 10%" in text and "&lt;b&gt;small&lt;/b&gt;" in text  # reasons are text, not markup
+    assert "third" not in text and "... 2 more in the table and in report.html" in text
+    noted = slicer_tools.verdict_rich_text("WARN", reasons + ["NOTE: automatic fallback: attempt 2"], max_reasons=1)
+    assert "NOTE: automatic fallback: attempt 2" in noted and "... 3 more" in noted
+    assert f'color:{VERDICT_STYLE["PASS"][0]}' in slicer_tools.verdict_rich_text("PASS", ["all good"])
+    unjudged = slicer_tools.verdict_rich_text(None, [])
+    assert "not judged" in unjudged and f'color:{VERDICT_STYLE["WARN"][0]}' in unjudged and "<ul>" not in unjudged
+
+
+def test_picture_entries_grid_before_left_after_right(tmp_path):
+    (tmp_path / "pictures").mkdir()
+    names = ["fusion_before", "fusion_after", "edges_after", "outlines_before", "outlines_after", "custom_after"]
+    for name in names:
+        (tmp_path / "pictures" / f"{name}.png").write_bytes(b"png")
+    pictures = {name: f"pictures/{name}.png" for name in names}
+    pictures["checkerboard_after"] = "pictures/missing.png"  # not on disk: left out
+    entries = slicer_tools.picture_entries(pictures, tmp_path)
+    grid = [(e["key"], e["row"], e["column"]) for e in entries]
+    # KIND_TITLES order (outlines, edges, checkerboard, fusion), unknown kinds last; before left, after right.
+    assert grid == [("outlines_before", 0, 0), ("outlines_after", 0, 1), ("edges_after", 1, 1),
+                    ("fusion_before", 2, 0), ("fusion_after", 2, 1), ("custom_after", 3, 1)]
+    assert all(os.path.isabs(e["path"]) and os.path.isfile(e["path"]) for e in entries)
+    assert entries[0]["title"] == "Structure outlines: before"
+    assert "BEFORE registration" in entries[0]["tooltip"] and "Click to open" in entries[0]["tooltip"]
+    assert slicer_tools.picture_entries({}, tmp_path) == []
+
+
+def test_new_report_directory_is_unique_and_named_after_the_pair(tmp_path):
+    import datetime
+
+    now = datetime.datetime(2026, 11, 22, 6, 30, 5, tzinfo=datetime.timezone.utc)
+    first = slicer_tools.new_report_directory(tmp_path, "T2 MR/axial", "CT (bone)", now)
+    assert first == tmp_path / "MultimodalPrealign" / "20261122-063005_T2_MR_axial_to_CT_bone"
+    assert not first.exists()
+    first.mkdir(parents=True)
+    assert slicer_tools.new_report_directory(tmp_path, "T2 MR/axial", "CT (bone)", now).name.endswith("_bone_2")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """A 24^3 blob at 4 mm and a copy shifted by 6 mm: metrics and pictures in well under a second."""
+    size, spacing = 24, 4.0
+    blob = sitk.GaussianSource(sitk.sitkFloat32, [size] * 3, sigma=[20.0] * 3, mean=[48.0] * 3, scale=1000.0,
+                               spacing=[spacing] * 3)
+    noise = sitk.AdditiveGaussianNoise(blob, standardDeviation=5.0, seed=1)
+    shift = transforms.translation([6.0, 0.0, 0.0])
+    return blob, noise, transforms.identity(), shift
+
+
+def tiny_report(tiny_pair):
+    from MultimodalPrealignLib import qa
+
+    fixed, moving, before, after = tiny_pair
+    return {"metrics": qa.evaluate(fixed, moving, before, after, working_spacing_mm=4.0, probes=False),
+            "verdict_reasons": ["NOTE: automatic fallback: attempt 2 was used"]}
+
+
+def test_write_quality_check_writes_everything_in_place_and_keeps_fallback_notes(tiny_pair, tmp_path):
+    import json
+
+    fixed, moving, before, after = tiny_pair
+    report = tiny_report(tiny_pair)
+    out = slicer_tools.write_quality_check(report, tmp_path / "run", fixed, moving, before, after)
+    assert out["verdict"] == report["verdict"] in ("PASS", "WARN", "FAIL")
+    assert report["verdict_reasons"][-1] == "NOTE: automatic fallback: attempt 2 was used"
+    assert out["directory"] == str((tmp_path / "run").resolve())
+    assert out["html"] == str((tmp_path / "run" / "report.html").resolve()) and os.path.isfile(out["html"])
+    assert set(out["pictures"]) == set(report["pictures"]) and out["pictures"]
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in out["pictures"].values())
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["verdict"] == report["verdict"] and saved["verdict_reasons"] == report["verdict_reasons"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
+    # Again into the same folder: our own outputs are replaced; a folder with other files is refused.
+    again = slicer_tools.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
+    assert again["pictures"] == out["pictures"]
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="already holds other files"):
+        slicer_tools.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
+
+
+def test_write_quality_check_without_pictures_writes_nothing(tiny_pair, tmp_path):
+    fixed, moving, before, after = tiny_pair
+    report = tiny_report(tiny_pair)
+    out = slicer_tools.write_quality_check(report, None, fixed, moving, before, after, write_pictures=False)
+    assert out == {"verdict": report["verdict"], "directory": None, "pictures": {}, "html": None}
+    assert "NOTE: automatic fallback: attempt 2 was used" in report["verdict_reasons"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_quality_check_failure_leaves_no_half_written_folder(tiny_pair, tmp_path, monkeypatch):
+    from MultimodalPrealignLib import qa
+
+    def failing_finish_report(report, out_dir, *args, **kwargs):
+        (out_dir / "report.html").write_text("half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(qa, "finish_report", failing_finish_report)
+    fixed, moving, before, after = tiny_pair
+    with pytest.raises(RuntimeError, match="disk full"):
+        slicer_tools.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_diagnostics_lines_name_a_missing_shared_frame():
@@ -547,3 +639,20 @@ def test_slicer_engines_missing_are_explained(scene, tmp_path):
         slicer_tools.SlicerToolsRun(services, "elastix", None, None)
     with pytest.raises(InputError, match="BRAINSFit.*not available"):
         slicer_tools.SlicerToolsRun(services, "brainsfit", None, None)
+
+
+def test_fill_quality_table_on_a_real_table_node_headers_lock_and_reuse(tiny_pair):
+    from MultimodalPrealignLib import qa
+
+    report = tiny_report(tiny_pair)
+    qa.apply_verdict(report)
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", "quality")
+    for _ in range(2):  # filling again replaces the rows
+        slicer_tools.fill_quality_table(node, report)
+        columns, rows = qa.metrics_table(report)
+        assert [node.GetColumnName(c) for c in range(node.GetNumberOfColumns())] == list(columns)
+        assert [[node.GetCellText(r, c) for c in range(len(columns))] for r in range(node.GetNumberOfRows())] == rows
+    assert node.GetLocked()  # read-only in the table view
+    assert node.GetUseColumnTitleAsColumnHeader()  # column names in the header, not as a first row
+    assert node.GetAttribute("MultimodalPrealign.Verdict") == report["verdict"]

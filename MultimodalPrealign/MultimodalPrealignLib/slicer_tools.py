@@ -622,44 +622,174 @@ def best_task_for_segment_names(names) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------ panel text (pure)
 
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
+#: Largest side (pixels) of a picture thumbnail in the module panel.
+THUMBNAIL_PIXELS = 170
+#: Reasons shown under the verdict in the panel (all of them are in the table and report.html).
+PANEL_REASONS = 3
+
+
+def _escape(text) -> str:
+    import html
+
+    return html.escape(str(text), quote=False)
+
+
+def verdict_rich_text(verdict: Optional[str], reasons=(), max_reasons: int = PANEL_REASONS) -> str:
+    """Qt rich text for the panel's verdict line: coloured PASS/WARN/FAIL, its advice, the first reasons.
+
+    ``NOTE:`` reasons (automatic fallback) are always listed, after the first ``max_reasons`` others.
+
+    Colours and advice are report.html's (``report_html.VERDICT_STYLE``); an unknown or missing verdict is
+    shown like WARN.
+    """
+    from .report_html import VERDICT_STYLE
+
+    shown = verdict if verdict in VERDICT_STYLE else "WARN"
+    colour, background, advice = VERDICT_STYLE[shown]
+    reasons = [str(r) for r in (reasons or [])]
+    notes = [r for r in reasons if r.startswith("NOTE:")]  # e.g. the automatic fallback: always shown
+    others = [r for r in reasons if r not in notes]
+    items = "".join(f"<li>{_escape(r)}</li>" for r in others[:max_reasons] + notes)
+    more = len(others) - max_reasons
+    if more > 0:
+        items += f"<li>... {more} more in the table and in report.html</li>"
+    label = _escape(verdict or "not judged")
+    return (f'<div style="background-color:{background}"><b style="color:{colour}; font-size:large">{label}</b> '
+            f"{_escape(advice)}" + (f"<ul>{items}</ul>" if items else "") + "</div>")
+
+
+def picture_entries(pictures: dict, base_dir) -> list:
+    """Thumbnails for the panel: one grid row per kind of picture, column 0 = before, 1 = after registration.
+
+    ``pictures``: ``report["pictures"]`` ({"<kind>_<stage>": path relative to ``base_dir`` or absolute}).
+    Returns dicts {key, kind, stage, row, column, title, tooltip, path (absolute str)} in the order of
+    ``pictures.KIND_TITLES`` (most telling first); files that do not exist are left out.
+    """
+    from .pictures import KIND_TITLES, STAGE_TITLES
+
+    base = Path(base_dir)
+    by_kind: dict = {}
+    for key, relative in (pictures or {}).items():
+        kind, _, stage = key.rpartition("_")
+        path = Path(relative)
+        path = path if path.is_absolute() else base / path
+        if kind and path.is_file():
+            by_kind.setdefault(kind, {})[stage] = (key, path)
+    kinds = [k for k in KIND_TITLES if k in by_kind] + sorted(set(by_kind) - set(KIND_TITLES))
+    entries = []
+    for row, kind in enumerate(kinds):
+        short, legend = KIND_TITLES.get(kind, (kind, ""))
+        stages = ["before", "after"] + sorted(set(by_kind[kind]) - {"before", "after"})
+        column = 0
+        for stage in stages:
+            if stage not in by_kind[kind]:
+                column += stage in ("before", "after")
+                continue
+            key, path = by_kind[kind][stage]
+            entries.append({"key": key, "kind": kind, "stage": stage, "row": row, "column": column,
+                            "title": f"{short}: {stage}", "path": str(path.resolve()),
+                            "tooltip": f"{STAGE_TITLES.get(stage, stage)}. {legend}. Click to open full size."})
+            column += 1
+    return entries
+
+
+def fill_quality_table(table_node, report: dict) -> None:
+    """``qa.fill_table_node`` plus display settings: column names as headers, read-only (locked) in the GUI.
+
+    ``table_node`` is a ``vtkMRMLTableNode``; nothing here imports slicer. The verdict is also stored as the
+    node attribute ``MultimodalPrealign.Verdict``.
+    """
+    from .qa import fill_table_node
+
+    was_modifying = table_node.StartModify()
+    try:
+        table_node.SetLocked(False)
+        fill_table_node(table_node, report)
+        if hasattr(table_node, "SetUseColumnTitleAsColumnHeader"):
+            table_node.SetUseColumnTitleAsColumnHeader(True)
+        else:  # Slicer before 5.4
+            table_node.SetUseColumnNameAsColumnHeader(True)
+        table_node.SetLocked(True)
+        table_node.SetAttribute("MultimodalPrealign.Verdict", str(report.get("verdict") or ""))
+    finally:
+        table_node.EndModify(was_modifying)
+
+
+def _safe_name(text: str, limit: int = 40) -> str:
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "volume")[:limit]
+
+
+def new_report_directory(root, moving_name: str, fixed_name: str, now=None) -> Path:
+    """A new per-run folder ``root/MultimodalPrealign/<UTC time>_<moving>_to_<fixed>[_N]`` (not created here)."""
+    import datetime
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    base = Path(root) / "MultimodalPrealign" / (f"{now:%Y%m%d-%H%M%S}_{_safe_name(moving_name)}"
+                                                 f"_to_{_safe_name(fixed_name)}")
+    candidate, index = base, 1
+    while candidate.exists():
+        index += 1
+        candidate = base.with_name(f"{base.name}_{index}")
+    return candidate
+
+
+def _json_value(value):
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+    return value
 
 
-def _structure_sets(report: dict) -> tuple[dict, dict]:
-    """(before, after) ``metrics.structure_metrics`` outputs wherever the report keeps them."""
-    metrics = report.get("metrics") or {}
-    candidates = [metrics.get("structures"), report.get("structures")]
-    for candidate in candidates:
-        if isinstance(candidate, dict) and ("before" in candidate or "after" in candidate):
-            return candidate.get("before") or {}, candidate.get("after") or {}
-    return metrics.get("structures_before") or {}, metrics.get("structures_after") or {}
+def write_quality_check(report: dict, directory, fixed, moving, before, after, fixed_labels=None,
+                        moving_labels=None, pairs=None, write_pictures: bool = True) -> dict:
+    """Judge ``report`` and write the pictures, report.html and report.json into ``directory``.
 
+    ``before``/``after``: fixed->moving transforms (LPS mm) of the pre-alignment alone and of the result.
+    Calls ``qa.finish_report`` in a staging folder next to ``directory`` and moves the files into place at the
+    end (no half-written outputs); ``directory`` may hold only a previous run's outputs
+    (``pipeline.check_output_dir``). ``write_pictures=False``: verdict only, nothing is written.
+    Returns {"verdict", "directory", "pictures": {key: absolute path}, "html": absolute path or None}.
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
 
-def result_table_rows(report: dict) -> list:
-    """[measure, before, after] strings for the results table: global metrics, then per structure."""
-    rows = []
-    metrics = report.get("metrics") or {}
-    before, after = metrics.get("before") or {}, metrics.get("after") or {}
-    for key in list(before) + [k for k in after if k not in before]:
-        b, a = before.get(key), after.get(key)
-        if isinstance(b, (int, float)) or isinstance(a, (int, float)):
-            rows.append([key, _fmt(b), _fmt(a)])
-    structures_before, structures_after = _structure_sets(report)
-    by_name_before = {r.get("name"): r for r in structures_before.get("structures", [])}
-    by_name_after = {r.get("name"): r for r in structures_after.get("structures", [])}
-    for name in list(by_name_after) + [n for n in by_name_before if n not in by_name_after]:
-        b, a = by_name_before.get(name, {}), by_name_after.get(name, {})
-        rows.append([f"{name}: Dice", _fmt(b.get("dice")), _fmt(a.get("dice"))])
-        rows.append([f"{name}: centroid distance (mm)", _fmt(b.get("centroid_distance_mm")),
-                     _fmt(a.get("centroid_distance_mm"))])
-    return rows
+    from . import qa
+    from .pipeline import check_output_dir
+
+    if not write_pictures:
+        verdict = qa.finish_report(report, directory or ".", fixed, moving, before, after, fixed_labels,
+                                   moving_labels, pairs, write_pictures=False)["verdict"]
+        return {"verdict": verdict, "directory": None, "pictures": {}, "html": None}
+    directory = Path(directory).resolve()
+    check_output_dir(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=str(directory.parent)))
+    try:
+        outputs = qa.finish_report(report, staging, fixed, moving, before, after, fixed_labels, moving_labels,
+                                   pairs, write_pictures=True)
+        (staging / "report.json").write_text(json.dumps(_json_value(report), indent=2) + "\n", encoding="utf-8")
+        directory.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            target = directory / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    pictures = {key: str(directory / relative) for key, relative in outputs["pictures"].items()}
+    html = str(directory / Path(outputs["html"]).name) if outputs.get("html") else None
+    return {"verdict": outputs["verdict"], "directory": str(directory), "pictures": pictures, "html": html}
 
 
 def diagnostics_lines(summary: dict) -> list:

@@ -261,10 +261,14 @@ def judge(report: dict, thresholds: dict | None = None) -> tuple[str, list[str]]
 
 
 def apply_verdict(report: dict, thresholds: dict | None = None) -> str:
-    """Judge ``report`` and store ``verdict``, ``verdict_reasons`` and ``qa_checks`` in it; return the verdict."""
+    """Judge ``report`` and store ``verdict``, ``verdict_reasons`` and ``qa_checks`` in it; return the verdict.
+
+    Reasons starting with "NOTE:" (e.g. the automatic fallback) survive re-judging, once each.
+    """
     verdict, reasons = judge(report, thresholds)
+    notes = [r for r in report.get("verdict_reasons") or [] if str(r).startswith("NOTE:") and r not in reasons]
     report["verdict"] = verdict
-    report["verdict_reasons"] = reasons
+    report["verdict_reasons"] = reasons + notes
     report["qa_checks"] = checks(report, thresholds)
     return verdict
 

@@ -53,7 +53,7 @@ def run(args):
               "with --additional-module-paths <repo>/MultimodalPrealign.", file=sys.stderr)
         return EXIT_BAD_INPUT
     from MultimodalPrealignLib import pipeline, transforms
-    from MultimodalPrealignLib.errors import InputError, PrealignError
+    from MultimodalPrealignLib.errors import EXIT_VERDICT_FAIL, InputError, PrealignError
 
     out = os.path.abspath(args.out)
     try:
@@ -69,6 +69,7 @@ def run(args):
             samplingPercentage=args.sampling_percentage, iterations=args.iterations,
             cropMarginMm=args.crop_margin, spacingScale=args.spacing_scale,
             outputVolumeNode=slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving resampled"),
+            reportDirectory=out,
             progressCallback=lambda stage, fraction, message: print(f"[{fraction * 100:3.0f}%] {stage}: {message}",
                                                                     flush=True))
     except PrealignError as err:
@@ -82,13 +83,13 @@ def run(args):
     slicer.util.saveNode(result.outputVolumeNode, os.path.join(out, "moving_resampled.nrrd"))
     report = dict(result.report)
     report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
-                         "report": "report.json"}
+                         "report": "report.json", "report_html": "report.html", "pictures": "pictures/"}
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=_json_default)
     for warning in result.warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
-    print(f"Done: {out}")
-    return EXIT_OK
+    print(f"Done: {out} (verdict {result.verdict})")
+    return EXIT_VERDICT_FAIL if result.verdict == "FAIL" else EXIT_OK
 
 
 def main():
