@@ -54,23 +54,14 @@ def stage_parameters(stage: str, settings: RegistrationSettings, fixed_voxels: i
     return params
 
 
-def _to_itk(image: sitk.Image):
+def _to_itk(image: sitk.Image, dtype=np.float32):
+    """An itk image with the same voxels (as ``dtype``) and geometry; masks use ``np.uint8``."""
     import itk
 
-    out = itk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(image), dtype=np.float32))
+    out = itk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(image), dtype=dtype))
     out.SetOrigin(image.GetOrigin())
     out.SetSpacing(image.GetSpacing())
     out.SetDirection(itk.matrix_from_array(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)))
-    return out
-
-
-def _to_itk_mask(mask: sitk.Image):
-    import itk
-
-    out = itk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(mask), dtype=np.uint8))
-    out.SetOrigin(mask.GetOrigin())
-    out.SetSpacing(mask.GetSpacing())
-    out.SetDirection(itk.matrix_from_array(np.asarray(mask.GetDirection(), dtype=float).reshape(3, 3)))
     return out
 
 
@@ -154,9 +145,9 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
             method.SetParameterObject(parameter_object)
             method.SetExternalInitialTransform(_itk_affine(total))
             if fixed_mask is not None:
-                method.SetFixedMask(_to_itk_mask(fixed_mask))
+                method.SetFixedMask(_to_itk(fixed_mask, np.uint8))
             if moving_mask is not None:
-                method.SetMovingMask(_to_itk_mask(moving_mask))
+                method.SetMovingMask(_to_itk(moving_mask, np.uint8))
             stage_dir = workdir / stage
             stage_dir.mkdir()
             method.SetOutputDirectory(str(stage_dir))

@@ -385,14 +385,15 @@ def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | 
         report["timings_s"]["total_with_io"] = round(report["timings_s"]["total"] + load_seconds
                                                      + report["timings_s"]["write"], 3)
         (staging / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress.report("write", 1.0, f"outputs in {out_dir}")
     return result
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def move_into_place(staging: Path, out_dir: Path) -> None:
+    """Move everything in ``staging`` into ``out_dir`` (created), replacing same-named files or folders."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in staging.iterdir():
         target = out_dir / item.name

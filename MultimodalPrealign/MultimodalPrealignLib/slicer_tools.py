@@ -758,12 +758,11 @@ def write_quality_check(report: dict, directory, fixed, moving, before, after, f
     Returns {"verdict", "directory", "pictures": {key: absolute path}, "html": absolute path or None}.
     """
     import json
-    import os
     import shutil
     import tempfile
 
     from . import qa
-    from .pipeline import check_output_dir
+    from .pipeline import check_output_dir, move_into_place
 
     if not write_pictures:
         verdict = qa.finish_report(report, directory or ".", fixed, moving, before, after, fixed_labels,
@@ -777,14 +776,7 @@ def write_quality_check(report: dict, directory, fixed, moving, before, after, f
         outputs = qa.finish_report(report, staging, fixed, moving, before, after, fixed_labels, moving_labels,
                                    pairs, write_pictures=True)
         (staging / "report.json").write_text(json.dumps(_json_value(report), indent=2) + "\n", encoding="utf-8")
-        directory.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            target = directory / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            os.replace(item, target)
+        move_into_place(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     pictures = {key: str(directory / relative) for key, relative in outputs["pictures"].items()}
