@@ -57,6 +57,11 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep per-axis working spacing instead of isotropic voxels")
     parser.add_argument("--max-working-voxels", type=int, default=None, metavar="N",
                         help="cap on the fixed working grid's voxel count (default 1500000)")
+    parser.add_argument("--anatomy-transform", choices=("rigid", "similarity"), default=None,
+                        help="anatomy pre-alignment model: rigid (default) or similarity (isotropic scale, for "
+                             "label maps of different subjects)")
+    parser.add_argument("--anatomy-refine", action="store_true",
+                        help="anatomy pre-alignment: refine the structure fit by the overlap of the label maps")
     parser.add_argument("--no-fallback", action="store_true",
                         help="do not retry with the next pre-alignment candidate or the other engine on a FAIL verdict")
     parser.add_argument("--no-report", action="store_true",
@@ -74,6 +79,13 @@ def options_from_args(args: argparse.Namespace):
                               no_report=args.no_report)
     if args.max_working_voxels is not None:
         options.max_working_voxels = args.max_working_voxels
+    anatomy = {}
+    if args.anatomy_transform:
+        anatomy["transform"] = args.anatomy_transform
+    if args.anatomy_refine:
+        anatomy["refine_labels"] = True
+    if anatomy:
+        options.prealign_options["anatomy"] = anatomy
     for name in ("fixed_labels_task", "moving_labels_task"):
         if getattr(args, name, None):
             setattr(options, name, getattr(args, name))
@@ -173,8 +185,10 @@ def run_report_only(args: argparse.Namespace) -> int:
     moving = image_io.load_image(args.moving, "moving image")
     fixed_labels = moving_labels = pairs = None
     if args.fixed_labels and args.moving_labels:
-        fixed_labels, fixed_task = pipeline.load_labels(args.fixed_labels, fixed, "fixed label map", "fixed image")
-        moving_labels, moving_task = pipeline.load_labels(args.moving_labels, moving, "moving label map", "moving image")
+        fixed_labels, fixed_task = pipeline.load_labels(args.fixed_labels, fixed, "fixed label map", "fixed image",
+                                                        args.fixed_labels_task)
+        moving_labels, moving_task = pipeline.load_labels(args.moving_labels, moving, "moving label map",
+                                                          "moving image", args.moving_labels_task)
         from .metrics import structure_pairs
 
         pairs = structure_pairs(args.fixed_labels_task or fixed_task, args.moving_labels_task or moving_task)
@@ -237,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed", required=True, help="fixed image: .nrrd, .nii(.gz), .mha/.mhd or a DICOM series folder")
     reg.add_argument("--moving", required=True, help="moving image (same formats)")
     reg.add_argument("--out", required=True, help="output folder (new, empty, or holding a previous run's outputs)")
-    reg.add_argument("--fixed-labels", default=None, help="label map of the fixed image (e.g. TotalSegmentator)")
-    reg.add_argument("--moving-labels", default=None, help="label map of the moving image")
+    reg.add_argument("--fixed-labels", default=None,
+                     help="labels of the fixed image on its grid: a multi-label file (TotalSegmentator --ml), "
+                          "TotalSegmentator's folder of per-structure masks, or a Slicer .seg.nrrd")
+    reg.add_argument("--moving-labels", default=None, help="labels of the moving image (same forms)")
     reg.add_argument("--fixed-labels-task", default=None, help="TotalSegmentator task of --fixed-labels (e.g. total)")
     reg.add_argument("--moving-labels-task", default=None, help="TotalSegmentator task of --moving-labels (e.g. total_mr)")
     reg.add_argument("--segment", choices=("fixed", "moving", "both"), default=None,

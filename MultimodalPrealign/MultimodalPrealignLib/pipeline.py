@@ -100,18 +100,39 @@ def _optional_module(name: str):
 
 
 def _validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
-    """Mask of working voxels that hold image data: not CT padding outside the reconstruction circle.
+    """Mask of working voxels that hold real image data, for the registration metric.
 
-    Voxels above the padding value, eroded by one voxel to drop the rim blurred by resampling.
+    Excludes voxels outside the original image's voxel-centre domain (the working grid's rim past the
+    last slice would otherwise be a flat background edge that pulls mutual information) and CT padding
+    outside the reconstruction circle (eroded by one voxel to drop the rim blurred by resampling).
+    None when every voxel is valid.
     """
+    size = np.asarray(work.GetSize())
+    a_work, origin_work = geometry.index_to_physical_matrix(work)
+    a_orig, origin_orig = geometry.index_to_physical_matrix(original)
+    to_original = np.linalg.inv(a_orig) @ a_work
+    offset = np.linalg.inv(a_orig) @ (origin_work - origin_orig)
+    k, j, i = np.meshgrid(np.arange(size[2]), np.arange(size[1]), np.arange(size[0]), indexing="ij")
+    inside = np.ones(k.shape, dtype=bool)
+    limits = np.asarray(original.GetSize(), dtype=float) - 1.0
+    for axis in range(3):
+        coordinate = to_original[axis, 0] * i + to_original[axis, 1] * j + to_original[axis, 2] * k + offset[axis]
+        inside &= (coordinate >= -1e-3) & (coordinate <= limits[axis] + 1e-3)
     pad = padding_value(original)
-    if pad is None:
+    if pad is not None:
+        data = sitk.GetArrayViewFromImage(work) > pad + 1.0
+        data = sitk.GetArrayViewFromImage(sitk.BinaryErode(sitk.Cast(_array_like(data, work), sitk.sitkUInt8),
+                                                           [1, 1, 1])) > 0
+        inside &= data
+    if inside.all() or int(np.count_nonzero(inside)) < 1000:
         return None
-    mask = sitk.BinaryThreshold(work, lowerThreshold=pad + 1.0, upperThreshold=3.0e38, insideValue=1, outsideValue=0)
-    mask = sitk.BinaryErode(mask, [1, 1, 1])
-    if int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) < 1000:
-        return None
-    return mask
+    return _array_like(inside, work)
+
+
+def _array_like(array: np.ndarray, like: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(like)
+    return image
 
 
 #: Metrics and pictures are computed on copies of the inputs no finer than this (mm).
@@ -315,12 +336,14 @@ def check_output_dir(out_dir: Path) -> None:
                              "give a new or empty folder to --out")
 
 
-def load_labels(path, reference: sitk.Image, label_name: str, image_name: str):
-    """Label map (UInt16 on ``reference``'s grid) and its TotalSegmentator task when known."""
+def load_labels(path, reference: sitk.Image, label_name: str, image_name: str, task: str | None = None):
+    """Label map (UInt16 on ``reference``'s grid) and its TotalSegmentator task when known (given or inferred).
+
+    ``path``: a multi-label file, TotalSegmentator's folder of per-structure masks, or a Slicer .seg.nrrd."""
     labels_module = _optional_module("labels")
     if labels_module is not None and hasattr(labels_module, "load_labels"):
-        return labels_module.load_labels(path, reference, label_name)
-    return image_io.load_label_map(path, reference, label_name, image_name), None
+        return labels_module.load_labels(path, reference, label_name, task=task, image_name=image_name)
+    return image_io.load_label_map(path, reference, label_name, image_name), task
 
 
 def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | None = None,
@@ -338,10 +361,12 @@ def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | 
     moving = image_io.load_image(moving_path, "moving image")
     fixed_labels = moving_labels = None
     if fixed_labels_path is not None:
-        fixed_labels, task = load_labels(fixed_labels_path, fixed, "fixed label map", "fixed image")
+        fixed_labels, task = load_labels(fixed_labels_path, fixed, "fixed label map", "fixed image",
+                                         options.fixed_labels_task)
         options.fixed_labels_task = options.fixed_labels_task or task
     if moving_labels_path is not None:
-        moving_labels, task = load_labels(moving_labels_path, moving, "moving label map", "moving image")
+        moving_labels, task = load_labels(moving_labels_path, moving, "moving label map", "moving image",
+                                          options.moving_labels_task)
         options.moving_labels_task = options.moving_labels_task or task
     landmark_pairs = None
     if landmarks_path is not None:

@@ -220,10 +220,15 @@ def prealign_candidate_transforms(candidates: Sequence[dict], max_count: int = 3
 
 
 def attempt_score(report: dict) -> tuple:
-    """Sort key (higher is better): verdict, then NMI after registration."""
+    """Sort key (higher is better): verdict, fewer FAIL then WARN checks, closer structures, then NMI after."""
     rank = {PASS: 2, WARN: 1, FAIL: 0}.get(report.get("verdict") or judge(report)[0], 0)
-    nmi = ((report.get("metrics") or {}).get("after") or {}).get("nmi", 0.0)
-    return rank, nmi
+    statuses = [c.get("status") for c in report.get("qa_checks") or []]
+    metrics = report.get("metrics") or {}
+    structures = ((metrics.get("structures") or {}).get("after") or {}).get("summary") or {}
+    distance = structures.get("median_centroid_distance_mm")
+    nmi = (metrics.get("after") or {}).get("nmi", 0.0)
+    return (rank, -statuses.count(FAIL), -statuses.count(WARN),
+            -float(distance) if distance is not None else 0.0, nmi)
 
 
 def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int) -> dict:
