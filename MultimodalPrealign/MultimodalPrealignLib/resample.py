@@ -94,7 +94,10 @@ def resample_box(image: sitk.Image, box: Box, spacing, default_value: float,
     source = sitk.Cast(source, sitk.sitkFloat32) if source.GetPixelID() != sitk.sitkFloat32 else source
     if smooth and region is not None:
         source = shrink_then_smooth(source, grid["spacing"])
-    return sitk.Resample(source, reference, sitk.Transform(), interpolator, float(default_value), sitk.sitkFloat32)
+    # Nearest-neighbour extrapolation: the grid's rim past the last voxel centre repeats the edge voxels
+    # instead of a flat background slice, whose edge the registration pyramid would smear into the data.
+    return sitk.Resample(source, reference, sitk.Transform(), interpolator, float(default_value), sitk.sitkFloat32,
+                         True)
 
 
 def resample_to_spacing(image: sitk.Image, spacing, default_value: float | None = None,
