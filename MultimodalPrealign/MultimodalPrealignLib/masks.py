@@ -65,8 +65,13 @@ def foreground_mask(image: sitk.Image, working_spacing_mm: float | None = 3.0,
     if working_spacing_mm is not None and max(image.GetSpacing()) < working_spacing_mm:
         work = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), [working_spacing_mm] * 3)
     array = sitk.GetArrayFromImage(work).astype(np.float32)
-    pad = padding_value(work)
-    valid = array > pad + 1e-3 if pad is not None else np.ones(array.shape, bool)
+    pad = padding_value(image)  # on the original: smoothing blurs the padding plateau of the coarse copy
+    valid = np.ones(array.shape, bool)
+    if pad is not None:
+        valid = array > pad + max(1.0, 0.05 * (float(np.median(array)) - pad))
+        # The padding edge is blurred by resampling: its rim would form the lowest Otsu class and the
+        # whole reconstruction cylinder would pass as foreground. Treat the rim as padding too.
+        valid = ndimage.binary_erosion(valid, iterations=1)
     values = array[valid]
     if values.size == 0:
         values = array.ravel()
