@@ -4,6 +4,9 @@ percentage, regular-step gradient descent, rigid -> affine [-> B-spline]).
 Each stage optimises a fresh transform ``T_stage`` (identity at start, centred on the fixed working image)
 on top of everything found so far, set as the moving initial transform; ITK then maps a fixed point p to
 ``previous(T_stage(p))``, so the running total is ``compose(T_stage, previous)``. All fixed->moving, LPS mm.
+
+An affine stage is kept only when an independent dense MI estimate on a common voxel set does not drop
+(:func:`affine_guard`): Mattes MI on random samples can drift into large volume changes on partial overlaps.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
     shrink, sigmas = pyramid(fixed.GetSpacing(), preset["coarsest_level_spacing_mm"], preset["max_levels"])
     sampling = _sampling_per_level(fixed, shrink, percentage, preset["min_samples_per_level"])
     total = initial
-    records = []
+    records: list[dict] = []
+    warnings: list[str] = []
     n_stages = len(settings.stages)
     for index, stage in enumerate(settings.stages):
         progress.report("register", 0.5 + 0.4 * index / n_stages, f"{stage} stage (itk)")
@@ -104,43 +108,57 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
             stage_iterations = settings.iterations if settings.iterations is not None else preset["bspline_iterations"]
             method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=stage_iterations,
                                         maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * stage_iterations)
-            stage_shrink, stage_sigmas = shrink[-2:], sigmas[-2:]
-            method.SetMetricSamplingPercentagePerLevel(sampling[-2:], itk_seed(settings.seed))
+            stage_shrink, stage_sigmas, stage_sampling = shrink[-2:], sigmas[-2:], sampling[-2:]
+            method.SetMetricSamplingPercentagePerLevel(stage_sampling, itk_seed(settings.seed))
         else:
             method.SetOptimizerAsRegularStepGradientDescent(
                 learningRate=preset["maximum_step_length"], minStep=preset["minimum_step_length"],
                 numberOfIterations=stage_iterations, relaxationFactor=preset["relaxation_factor"],
                 gradientMagnitudeTolerance=preset["gradient_magnitude_tolerance"])
             method.SetOptimizerScalesFromPhysicalShift()
-            stage_shrink, stage_sigmas = shrink, sigmas
+            stage_shrink, stage_sigmas, stage_sampling = shrink, sigmas, sampling
         method.SetShrinkFactorsPerLevel(stage_shrink)
         method.SetSmoothingSigmasPerLevel(stage_sigmas)
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetMovingInitialTransform(total)
         stage_transform = _stage_transform(stage, fixed, preset)
         method.SetInitialTransform(stage_transform, inPlace=True)
-        evaluations = {"n": 0}
+        evaluations = {"n": 0, "first_metric": None}
 
         def on_iteration(method=method, evaluations=evaluations):
             evaluations["n"] += 1
+            if evaluations["first_metric"] is None:
+                evaluations["first_metric"] = round(float(method.GetMetricValue()), 6)
             if evaluations["n"] % 25 == 0:
                 progress.check_cancelled()
 
         method.AddCommand(sitk.sitkIterationEvent, on_iteration)
         try:
             with single_threaded(settings.deterministic):
-                metric_before = _safe_metric(method, fixed, moving)
                 method.Execute(fixed, moving)
         except RuntimeError as err:
             raise RegistrationError(translate_itk_error(str(err), stage), _fix_for_itk_error(str(err))) from None
-        total = transforms.compose(stage_transform, total)
+        candidate = transforms.compose(stage_transform, total)
+        check = None
+        if stage == "affine" and preset.get("affine_guard", True):
+            check = affine_guard(fixed, moving, total, candidate, fixed_mask, preset)
+            if not check["accepted"]:
+                warnings.append(
+                    f"affine stage rejected: it lowered the dense mutual information ({check['mi_before']:.4f} -> "
+                    f"{check['mi_after']:.4f}) while changing volumes by {100 * (check['determinant'] - 1):+.1f}%; "
+                    "kept the previous stage's result (use --stages rigid to skip the affine stage)")
+                candidate = total
+        total = candidate
         records.append({
             "stage": stage, "engine": "itk", "seconds": round(time.perf_counter() - started, 3),
             "iterations": int(evaluations["n"]), "max_iterations_per_level": int(stage_iterations),
             "stop_condition": method.GetOptimizerStopConditionDescription()[:300],
-            "metric_start": metric_before, "metric_final": round(float(method.GetMetricValue()), 6),
+            # metric_start: the metric at the first iteration (coarsest level); a separate full evaluation before
+            # the run cost more than a second per stage on large working images.
+            "metric_start": evaluations["first_metric"], "metric_final": round(float(method.GetMetricValue()), 6),
             "shrink_factors": stage_shrink, "smoothing_sigmas_mm": [round(s, 3) for s in stage_sigmas],
-            "sampling_percentage_per_level": [round(s, 6) for s in (sampling if stage != "bspline" else sampling[-2:])],
+            "sampling_percentage_per_level": [round(s, 6) for s in stage_sampling],
+            **({"guard": check} if check is not None else {}),
         })
     settings_used = {
         "engine": "itk", "metric": "MattesMutualInformation", "histogram_bins": settings.histogram_bins,
@@ -150,14 +168,61 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         "optimizer": preset["optimizer"], "maximum_step_length": preset["maximum_step_length"],
         "minimum_step_length": preset["minimum_step_length"], "relaxation_factor": preset["relaxation_factor"],
     }
-    return EngineResult(total, records, settings_used)
+    return EngineResult(total, records, settings_used, warnings=warnings)
 
 
-def _safe_metric(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image) -> float | None:
-    try:
-        return round(float(method.MetricEvaluate(fixed, moving)), 6)
-    except RuntimeError:
-        return None
+def _common_samples(fixed: sitk.Image, moving: sitk.Image, transforms_list, fixed_mask: sitk.Image | None,
+                    max_samples: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Fixed values and the moving values under each transform, on ONE voxel set: fixed voxels (inside
+    ``fixed_mask``) that map inside the moving image under every transform, regularly subsampled."""
+    f = sitk.GetArrayViewFromImage(fixed).ravel()
+    keep = np.ones(f.shape, bool) if fixed_mask is None else sitk.GetArrayViewFromImage(fixed_mask).ravel() > 0
+    warped = []
+    for t in transforms_list:
+        w = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, t, sitk.sitkLinear, float("nan"), sitk.sitkFloat32))
+        w = w.ravel()
+        keep &= np.isfinite(w)
+        warped.append(w)
+    index = np.flatnonzero(keep)
+    index = index[:: max(1, index.size // max_samples)]
+    return f[index], [w[index] for w in warped]
+
+
+def _histogram_mi(f: np.ndarray, m: np.ndarray, f_range, m_range, bins: int) -> float:
+    """Mutual information (nats) of two value arrays from a bins x bins joint histogram on fixed ranges."""
+    fi = np.clip(((f - f_range[0]) * (bins / (f_range[1] - f_range[0]))).astype(np.int64), 0, bins - 1)
+    mi = np.clip(((m - m_range[0]) * (bins / (m_range[1] - m_range[0]))).astype(np.int64), 0, bins - 1)
+    p = np.bincount(fi * bins + mi, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+    p /= max(p.sum(), 1.0)
+    pf, pm = p.sum(1), p.sum(0)
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] / np.outer(pf, pm)[nz])))
+
+
+def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, after: sitk.Transform,
+                 fixed_mask: sitk.Image | None, preset: dict) -> dict:
+    """Independent check of an affine stage: dense histogram MI on one common voxel set, before vs after.
+
+    Mattes MI on random samples can prefer shrinking or stretching the overlap (partial fields of view,
+    cut-off objects); a dense estimate on the SAME voxels under both transforms has no such overlap bias.
+    The affine result is accepted when it does not lower this MI by more than ``affine_guard_tolerance``
+    (nats) -- a real affine difference raises it.
+    """
+    f, (m0, m1) = _common_samples(fixed, moving, [before, after], fixed_mask, int(preset.get("affine_guard_samples", 400000)))
+    linear = transforms.to_matrix(after)[:3, :3] @ np.linalg.inv(transforms.to_matrix(before)[:3, :3])
+    result = {"mi_before": None, "mi_after": None, "samples": int(f.size),
+              "determinant": round(float(np.linalg.det(linear)), 5), "accepted": True}
+    if f.size < 1000:
+        return result
+    bins = int(preset.get("affine_guard_bins", 32))
+    f_range = tuple(np.percentile(f, [0.5, 99.5]))
+    m_range = tuple(np.percentile(np.concatenate([m0, m1]), [0.5, 99.5]))
+    if f_range[1] <= f_range[0] or m_range[1] <= m_range[0]:
+        return result
+    before_mi, after_mi = _histogram_mi(f, m0, f_range, m_range, bins), _histogram_mi(f, m1, f_range, m_range, bins)
+    result.update(mi_before=round(before_mi, 5), mi_after=round(after_mi, 5),
+                  accepted=bool(after_mi >= before_mi - float(preset.get("affine_guard_tolerance", 0.002))))
+    return result
 
 
 def translate_itk_error(message: str, stage: str) -> str:

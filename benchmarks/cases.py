@@ -1,0 +1,281 @@
+"""Benchmark cases with EXACT known transforms (fixed physical LPS mm -> moving physical LPS mm).
+
+Families:
+
+* ``synthetic``: ``phantoms.make_pair`` CT-like torso (fixed, TotalSegmentator ``total`` labels) and an
+  MR-like T1/T2 image (moving, ``total_mr`` labels) with anisotropic spacing (1.2 x 1.2 x 4-6 mm), bias
+  field, noise, half of them a partial field of view (slab of 30-60% of the torso), random rigid offsets
+  (rotation 0-30 degrees about a random axis, translation 0-120 mm) and in a third of the cases a
+  head-first/feet-first flip. Truth = ``pair.fixed_to_moving``.
+* ``phantom``: the real MRI-DIR phantom pair (CT fixed, T2 MR moving). The MR header is rewritten by a
+  random rigid perturbation P (pixels untouched: origin -> P(origin), direction -> R_P direction), a third
+  with an extra 180 degree flip, half cropped to 40-70% of the MR slices. Truth = P o reference, with the
+  reference rigid transform ``benchmarks/reference/phantom_ct_to_mr_reference.tfm`` (made by the search
+  helper's ``make_phantom_reference.py``; this suite does not make its own).
+* ``microct``: a microCT-like image (400^3 voxels at 0.1 mm, 10x scaled-down torso phantom) against an
+  MR-like image of the same object at 0.5 x 0.5 x 3 mm (a 10-30x voxel size difference), random rigid
+  offset (0-20 degrees, 0-10 mm).
+
+Every case is written once into ``benchmarks/results/cache/`` (git-ignored) as uncompressed .mha plus a
+JSON file, so runner subprocesses read it without regenerating it. Error of a result: mean distance (mm)
+between where the true and the estimated transforms send points inside the object and inside both fields
+of view (``points``, fixed physical LPS mm).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "MultimodalPrealign"))
+
+from MultimodalPrealignLib import phantoms, transforms  # noqa: E402
+from MultimodalPrealignLib.masks import foreground_mask, mask_centroid_and_axes  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
+REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
+CACHE = REPO / "benchmarks" / "results" / "cache"
+FAMILIES = ("synthetic", "phantom", "microct")
+SUCCESS_MM = 2.5
+FLIPS = {"L": np.diag([1.0, -1.0, -1.0]), "P": np.diag([-1.0, 1.0, -1.0]), "S": np.diag([-1.0, -1.0, 1.0])}
+
+
+@dataclass
+class Case:
+    """One benchmark case on disk. ``truth``: 4x4 fixed->moving (LPS mm). Paths are absolute strings."""
+
+    family: str
+    index: int
+    fixed: str
+    moving: str
+    truth: list
+    points: str
+    info: dict = field(default_factory=dict)
+    fixed_labels: str | None = None
+    moving_labels: str | None = None
+    fixed_task: str | None = None
+    moving_task: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.index:03d}"
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(data: dict) -> Case:
+        return Case(**data)
+
+
+def mean_error_mm(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) between estimate(p) and truth(p) over ``points`` (N x 3, fixed LPS mm)."""
+    a = points @ estimate[:3, :3].T + estimate[:3, 3]
+    b = points @ truth[:3, :3].T + truth[:3, 3]
+    return float(np.mean(np.linalg.norm(a - b, axis=1)))
+
+
+def _rotation(axis, angle_deg: float) -> np.ndarray:
+    return phantoms.rotation_about_axis(axis, angle_deg)
+
+
+def _unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(size=3)
+    return v / np.linalg.norm(v)
+
+
+def with_header_moved(image: sitk.Image, p: np.ndarray) -> sitk.Image:
+    """Same pixels; every voxel's physical position x becomes P(x) (P: 4x4 rigid, LPS mm)."""
+    out = sitk.Image(image)
+    out.SetOrigin((p[:3, :3] @ np.asarray(image.GetOrigin()) + p[:3, 3]).tolist())
+    out.SetDirection((p[:3, :3] @ np.asarray(image.GetDirection()).reshape(3, 3)).ravel().tolist())
+    return out
+
+
+def _write(image: sitk.Image, path: Path) -> str:
+    sitk.WriteImage(image, str(path), False)
+    return str(path)
+
+
+def _store(case: Case, folder: Path) -> Case:
+    (folder / "case.json").write_text(json.dumps(case.to_json(), indent=1))
+    return case
+
+
+def _cached(folder: Path) -> Case | None:
+    path = folder / "case.json"
+    if path.exists():
+        return Case.from_json(json.loads(path.read_text()))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+def synthetic_case(index: int, seed: int = 0) -> Case:
+    folder = CACHE / f"synthetic_s{seed}_{index:03d}"
+    cached = _cached(folder)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(10_000 + 97 * seed + index)
+    slab = index % 2 == 1
+    flip = index % 3 == 0
+    rotation = float(rng.uniform(0, 30))
+    translation = float(rng.uniform(0, 120))
+    fraction = float(rng.uniform(0.3, 0.6))
+    modality = "mr_t1" if index % 4 < 2 else "mr_t2"
+    z_spacing = float(rng.uniform(4.0, 6.0))
+    pair = phantoms.make_pair(seed=seed * 1000 + index, fixed_modality="ct", moving_modality=modality,
+                              rotation_deg=rotation, translation_mm=translation, flip=flip,
+                              moving_fov="slab" if slab else "full", slab_fraction=fraction,
+                              fixed_spacing=(1.5, 1.5, 1.5), moving_spacing=(1.2, 1.2, z_spacing),
+                              labels=True, bias_field=0.3)
+    points = phantoms.body_points(pair, n=2000, seed=index, overlap_only=True)
+    np.save(folder / "points.npy", points)
+    info = {"rotation_deg": round(rotation, 2), "translation_mm": round(translation, 1), "flip": flip,
+            "moving_fov": "slab" if slab else "full", "slab_fraction": round(fraction, 3) if slab else None,
+            "moving_modality": modality, "moving_spacing_mm": [1.2, 1.2, round(z_spacing, 2)]}
+    case = Case("synthetic", index, _write(pair.fixed, folder / "fixed.mha"), _write(pair.moving, folder / "moving.mha"),
+                transforms.to_matrix(pair.fixed_to_moving).tolist(), str(folder / "points.npy"), info,
+                _write(pair.fixed_labels, folder / "fixed_labels.mha"), _write(pair.moving_labels, folder / "moving_labels.mha"),
+                pair.fixed_task, pair.moving_task)
+    return _store(case, folder)
+
+
+# ---------------------------------------------------------------------------------------------- phantom
+def phantom_available() -> bool:
+    return (DATA / "ct.nrrd").exists() and (DATA / "mr_t2.nrrd").exists() and REFERENCE.exists()
+
+
+def _phantom_base() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference 4x4, CT body points, MR body centroid), cached."""
+    folder = CACHE / "phantom_base"
+    if (folder / "points.npy").exists():
+        return (np.load(folder / "reference.npy"), np.load(folder / "points.npy"), np.load(folder / "mr_centroid.npy"))
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = sitk.ReadImage(str(DATA / "ct.nrrd"))
+    mr = sitk.ReadImage(str(DATA / "mr_t2.nrrd"))
+    reference = transforms.to_matrix(transforms.read_transform(REFERENCE))
+    ct_mask = foreground_mask(ct)
+    points = phantoms.body_points(ct_mask, n=3000, seed=0)
+    # keep points the MR shows under the reference (the region both images image)
+    moved = points @ reference[:3, :3].T + reference[:3, 3]
+    from MultimodalPrealignLib.geometry import inside_image
+
+    points = points[inside_image(mr, moved)]
+    centroid = mask_centroid_and_axes(foreground_mask(mr))[0]
+    np.save(folder / "reference.npy", reference)
+    np.save(folder / "points.npy", points)
+    np.save(folder / "mr_centroid.npy", centroid)
+    return reference, points, centroid
+
+
+def phantom_case(index: int, seed: int = 0) -> Case:
+    folder = CACHE / f"phantom_s{seed}_{index:03d}"
+    cached = _cached(folder)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    reference, points, centroid = _phantom_base()
+    rng = np.random.default_rng(20_000 + 97 * seed + index)
+    angle = float(rng.uniform(0, 30))
+    r = _rotation(_unit(rng), angle)
+    flip = None
+    if index % 3 == 2:
+        flip = str(rng.choice(list(FLIPS)))
+        r = r @ FLIPS[flip]
+    shift = _unit(rng) * float(rng.uniform(0, 100))
+    p = np.eye(4)
+    p[:3, :3] = r
+    p[:3, 3] = centroid + shift - r @ centroid
+    mr = sitk.ReadImage(str(DATA / "mr_t2.nrrd"))
+    moving = with_header_moved(mr, p)
+    crop = None
+    if index % 2 == 1:
+        n_slices = mr.GetSize()[2]
+        keep = max(2, int(round(float(rng.uniform(0.4, 0.7)) * n_slices)))
+        start = int(rng.integers(0, n_slices - keep + 1))
+        moving = moving[:, :, start:start + keep]
+        crop = {"first_slice": start, "slices": keep}
+    truth = p @ reference
+    from MultimodalPrealignLib.geometry import inside_image
+
+    moved = points @ truth[:3, :3].T + truth[:3, 3]
+    case_points = points[inside_image(moving, moved)]
+    np.save(folder / "points.npy", case_points)
+    info = {"rotation_deg": round(angle, 2), "flip_about": flip, "translation_mm": round(float(np.linalg.norm(shift)), 1),
+            "crop": crop, "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
+    case = Case("phantom", index, str(DATA / "ct.nrrd"), _write(moving, folder / "moving.mha"), truth.tolist(),
+                str(folder / "points.npy"), info)
+    return _store(case, folder)
+
+
+# ---------------------------------------------------------------------------------------------- microCT
+MICROCT_SCALE = 10.0  # world (torso, mm) = 10 x physical (a 40 mm "mouse-sized" torso)
+
+
+def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
+    """microCT-like fixed (``size``^3 at 0.1 mm) vs MR-like moving (0.5 x 0.5 x 3 mm) of the same object."""
+    folder = CACHE / f"microct_s{seed}_{index:03d}_{size}"
+    cached = _cached(folder)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(30_000 + 97 * seed + index)
+    scale = np.diag([MICROCT_SCALE] * 3 + [1.0])
+    world_center = np.asarray(phantoms.body_box().center)
+    center = world_center / MICROCT_SCALE
+    rotation = float(rng.uniform(0, 20))
+    true = phantoms.rigid_transform(_rotation(_unit(rng), rotation), _unit(rng) * float(rng.uniform(0, 10)), center)
+    truth = transforms.to_matrix(true)
+    spacing = 0.1
+    fixed_grid = phantoms.grid_for([size * spacing] * 3, [spacing] * 3, center=center.tolist())
+    fixed, _ = phantoms.render("ct", fixed_grid, scale, seed=seed * 100 + index, noise=25.0)
+    body = phantoms.body_box()
+    extent = (np.asarray(body.upper) - np.asarray(body.lower)) / MICROCT_SCALE + 4.0
+    moving_center = truth[:3, :3] @ center + truth[:3, 3]
+    moving_grid = phantoms.grid_for(extent.tolist(), [0.5, 0.5, 3.0], center=moving_center.tolist())
+    moving, _ = phantoms.render("mr_t2", moving_grid, scale @ np.linalg.inv(truth), seed=seed * 100 + index + 1,
+                                bias_field=0.3, supersample=2)
+    points_world = np.random.default_rng(index).uniform(body.lower, body.upper, size=(20000, 3))
+    points_world = points_world[phantoms.inside_body(points_world)]
+    points = points_world / MICROCT_SCALE
+    from MultimodalPrealignLib.geometry import inside_image
+
+    keep = inside_image(fixed, points) & inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])
+    np.save(folder / "points.npy", points[keep][:2000])
+    info = {"rotation_deg": round(rotation, 2), "fixed_size": [size] * 3, "fixed_spacing_mm": [spacing] * 3,
+            "moving_size": list(moving.GetSize()), "moving_spacing_mm": [0.5, 0.5, 3.0]}
+    case = Case("microct", index, _write(fixed, folder / "fixed.mha"), _write(moving, folder / "moving.mha"),
+                truth.tolist(), str(folder / "points.npy"), info)
+    return _store(case, folder)
+
+
+def make_cases(family: str, n: int, seed: int = 0, first: int = 0) -> list[Case]:
+    """Cases ``first`` .. ``first + n - 1`` of ``family`` (generated once, then read from the cache)."""
+    maker = {"synthetic": synthetic_case, "phantom": phantom_case, "microct": microct_case}[family]
+    return [maker(i, seed) for i in range(first, first + n)]
+
+
+def load_case_images(case: Case) -> tuple[sitk.Image, sitk.Image, np.ndarray, np.ndarray]:
+    """(fixed, moving, truth 4x4, points) of a case."""
+    return (sitk.ReadImage(case.fixed), sitk.ReadImage(case.moving), np.asarray(case.truth, float),
+            np.load(case.points))
+
+
+def describe(case: Case) -> str:
+    parts = [f"{k}={v}" for k, v in case.info.items() if k in ("rotation_deg", "translation_mm", "flip", "flip_about",
+                                                               "moving_fov", "crop")]
+    return f"{case.name} " + " ".join(parts)
+
+
+if __name__ == "__main__":  # python benchmarks/cases.py synthetic 3
+    family = sys.argv[1] if len(sys.argv) > 1 else "synthetic"
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    for c in make_cases(family, count):
+        print(describe(c), "points:", len(np.load(c.points)))

@@ -1,0 +1,278 @@
+"""Benchmark suite: our pipeline and its peers, side by side, on cases with known transforms (docs/benchmarks.md).
+
+    python benchmarks/run.py --quick                      # smoke run: 1 case per family, fewer methods
+    python benchmarks/run.py --family synthetic --cases 6
+    python benchmarks/run.py --family targets             # speed / memory targets of issue 8
+
+Prints one markdown table per case family: success rate (mean error <= 2.5 mm over points inside the object),
+median and 95th-percentile error, median wall time, peak memory (RSS, max over runs). Every (method, case) runs
+in its own process (benchmarks/memory.py). Results (all rows, JSON, and the tables, markdown) go to
+benchmarks/results/ (git-ignored). ANTs and greedy run with ``--peer-python`` (default /work/bench-venv/bin/python)
+when that Python can import them; they are listed as "not installed" otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import cases  # noqa: E402
+import memory  # noqa: E402
+
+RESULTS = HERE / "results"
+DEFAULT_PEER_PYTHON = "/work/bench-venv/bin/python"
+METHODS = {
+    "synthetic": ["ours-auto", "ours-anatomy", "ours-moments", "ours-auto-elastix", "elastix-default",
+                  "brainsfit-default", "forum-recipe", "ants", "greedy"],
+    "phantom": ["ours-auto", "ours-moments", "ours-auto-elastix", "elastix-default", "brainsfit-default",
+                "forum-recipe", "ants", "greedy"],
+    "microct": ["ours-auto", "ours-geometry", "elastix-default", "brainsfit-default", "ants", "greedy"],
+}
+QUICK_METHODS = {"synthetic": ["ours-auto", "ours-anatomy", "elastix-default", "brainsfit-default"],
+                 "phantom": ["ours-auto", "elastix-default"],
+                 "microct": ["ours-auto", "elastix-default"]}
+
+
+def peer_python_has(python: str, module: str) -> bool:
+    if not Path(python).exists():
+        return False
+    done = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+    return done.returncode == 0
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, load average at start "
+            f"{load[0]:.1f}")
+
+
+# ------------------------------------------------------------------------------------------------ families
+def run_family(family: str, n: int, methods: list[str], seed: int, peer_python: str, timeout_s: float, log,
+               first: int = 0) -> list[dict]:
+    rows = []
+    for case in cases.make_cases(family, n, seed, first):
+        truth = np.asarray(case.truth, float)
+        points = np.load(case.points)
+        for method in methods:
+            python = peer_python if method in memory.EXTERNAL else None
+            result = memory.run_isolated(method, case.to_json(), seed, python, timeout_s)
+            error = (cases.mean_error_mm(np.asarray(result["matrix"]), truth, points)
+                     if result.get("matrix") is not None else math.inf)
+            row = {"family": family, "case": case.name, "method": method, "case_info": case.info,
+                   "error_mm": round(error, 3) if math.isfinite(error) else None,
+                   "success": bool(error <= cases.SUCCESS_MM), "seconds": result.get("seconds"),
+                   "cpu_seconds": result.get("cpu_seconds"), "peak_rss_mb": result.get("peak_rss_mb"),
+                   "failure": result.get("error"), "info": result.get("info"), "matrix": result.get("matrix")}
+            rows.append(row)
+            log(f"{case.name:14s} {method:20s} error {error:9.2f} mm  {_fmt(row['seconds'], 1):>6s} s  "
+                f"RSS {_fmt(row['peak_rss_mb'], 0):>6s} MB" + (f"  FAILED: {row['failure']}" if row["failure"] else ""))
+    return rows
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-" if value is None else "inf"
+    return f"{value:.{digits}f}"
+
+
+def family_table(rows: list[dict], methods: list[str], title: str) -> str:
+    lines = [f"**{title}**", "",
+             "| method | cases | success (<= 2.5 mm) | median error (mm) | 95th pct error (mm) | median time (s) | "
+             "median CPU (s) | peak RSS (MB, max) | failures |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        if all(r["failure"] == "not installed" for r in sel):
+            lines.append(f"| {method} | - | not installed | | | | | | |")
+            continue
+        errors = np.array([r["error_mm"] if r["error_mm"] is not None else np.inf for r in sel])
+        ok = sum(r["success"] for r in sel)
+        times = [r["seconds"] for r in sel if r["seconds"] is not None]
+        cpu = [r["cpu_seconds"] for r in sel if r.get("cpu_seconds") is not None]
+        rss = [r["peak_rss_mb"] for r in sel if r["peak_rss_mb"] is not None]
+        p95 = float(np.percentile(errors, 95, method="higher"))
+        failures = sorted({r["failure"][:60] for r in sel if r["failure"]})
+        lines.append(f"| {method} | {len(sel)} | {ok}/{len(sel)} ({100.0 * ok / len(sel):.0f}%) | "
+                     f"{_fmt(float(np.median(errors)))} | {_fmt(p95)} | {_fmt(float(np.median(times)) if times else None, 1)} | "
+                     f"{_fmt(float(np.median(cpu)) if cpu else None, 1)} | {_fmt(max(rss) if rss else None, 0)} | "
+                     f"{'; '.join(failures)} |")
+    return "\n".join(lines)
+
+
+TITLES = {"synthetic": "Synthetic CT torso (fixed) vs MR-like (moving): anisotropic, bias, noise, partial FOV, offsets, flips",
+          "phantom": "Real phantom pair, MR header perturbed (rotation 0-30 deg, shift 0-100 mm, 1/3 flipped, 1/2 cropped)",
+          "microct": "microCT-like 400^3 @ 0.1 mm (fixed) vs MR-like 0.5 x 0.5 x 3 mm (moving), same object"}
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def _phantom_full_case() -> dict:
+    reference, points, _ = cases._phantom_base()
+    folder = cases.CACHE / "phantom_full"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "points.npy", points)
+    return cases.Case("phantom", 999, str(cases.DATA / "ct.nrrd"), str(cases.DATA / "mr_t2.nrrd"), reference.tolist(),
+                      str(folder / "points.npy"), {"what": "unperturbed full-resolution phantom pair"}).to_json()
+
+
+def _upsampled_ct_case() -> dict:
+    """The phantom CT with 2x the slices (linear interpolation), same physical extent, same MR."""
+    import SimpleITK as sitk
+
+    folder = cases.CACHE / "phantom_ct_2x"
+    path = folder / "ct_2x_slices.mha"
+    base = _phantom_full_case()
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        ct = sitk.ReadImage(base["fixed"])
+        size = list(ct.GetSize())
+        spacing = list(ct.GetSpacing())
+        new_size = [size[0], size[1], 2 * size[2]]
+        new_spacing = [spacing[0], spacing[1], spacing[2] * size[2] / new_size[2]]
+        direction = np.asarray(ct.GetDirection()).reshape(3, 3)
+        first = np.asarray(ct.GetOrigin()) + direction @ np.array([0, 0, (new_spacing[2] - spacing[2]) / 2.0])
+        ref = sitk.Image(new_size, ct.GetPixelID())
+        ref.SetSpacing(new_spacing)
+        ref.SetDirection(ct.GetDirection())
+        ref.SetOrigin(first.tolist())
+        sitk.WriteImage(sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -2048.0), str(path), False)
+    return {**base, "fixed": str(path), "index": 998, "info": {"what": "CT with 2x slices"}}
+
+
+def run_targets(repeats: int, seed: int, timeout_s: float, log, with_elastix: bool = True) -> tuple[list[dict], str]:
+    rows = []
+    full = _phantom_full_case()
+    truth, points = np.asarray(full["truth"]), np.load(full["points"])
+    runs = [("full pipeline, phantom pair (register_files: read, register rigid+affine, write)", "ours-files", full)]
+    if with_elastix:
+        runs.append(("elastix default rigid, full resolution, from the same pre-alignment",
+                     "elastix-default-from-prealign", full))
+    runs.append(("full pipeline, phantom CT with 2x slices", "ours-files", _upsampled_ct_case()))
+    micro = cases.microct_case(0, seed)
+    runs.append(("microCT-like 400^3 @ 0.1 mm vs MR 0.5x0.5x3 mm (run_pipeline)", "ours-auto", micro.to_json()))
+    for label, method, case in runs:
+        case_truth = np.asarray(case["truth"]) if case is not full else truth
+        case_points = np.load(case["points"]) if case is not full else points
+        for r in range(repeats):
+            result = memory.run_isolated(method, case, seed, None, timeout_s)
+            error = (cases.mean_error_mm(np.asarray(result["matrix"]), case_truth, case_points)
+                     if result.get("matrix") is not None else math.inf)
+            row = {"target": label, "method": method, "repeat": r, "error_mm": round(error, 3) if math.isfinite(error) else None,
+                   "seconds": result.get("seconds"), "cpu_seconds": result.get("cpu_seconds"),
+                   "peak_rss_mb": result.get("peak_rss_mb"), "failure": result.get("error"), "info": result.get("info"),
+                   "matrix": result.get("matrix"), "load_average": os.getloadavg()[0]}
+            rows.append(row)
+            log(f"target {label[:60]:60s} error {error:7.2f} mm {_fmt(row['seconds'], 1):>6s} s RSS "
+                f"{_fmt(row['peak_rss_mb'], 0)} MB load {row['load_average']:.1f}"
+                + (f" FAILED: {row['failure']}" if row["failure"] else ""))
+    return rows, targets_table(rows)
+
+
+def _min_median(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return min(values), float(np.median(values))
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = ["**Speed and memory targets (issue 8)**", "",
+             "| run | repeats | error vs truth/reference (mm) | wall time min / median (s) | CPU time min (s) | "
+             "peak RSS (MB, max) | load average | notes |", "|---|---|---|---|---|---|---|---|"]
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["target"], []).append(r)
+    for label, sel in by_label.items():
+        t_min, t_med = _min_median([r["seconds"] for r in sel])
+        errors = [r["error_mm"] for r in sel if r["error_mm"] is not None]
+        rss = [r["peak_rss_mb"] for r in sel if r["peak_rss_mb"] is not None]
+        cpu_min, _ = _min_median([r.get("cpu_seconds") for r in sel])
+        load = [r["load_average"] for r in sel]
+        notes = sorted({r["failure"][:60] for r in sel if r["failure"]})
+        info = sel[0].get("info") or {}
+        if "timings_s" in info:
+            notes.append("stages " + ", ".join(f"{k} {v:.1f}" for k, v in info["timings_s"].items()
+                                               if k in ("load", "prealign", "crop", "register", "metrics", "write")))
+        if "prealign_seconds" in info:
+            notes.append(f"pre-alignment ({info.get('prealign')}) {info['prealign_seconds']} s not counted")
+        lines.append(f"| {label} | {len(sel)} | {_fmt(float(np.median(errors)) if errors else None)} | "
+                     f"{_fmt(t_min, 1)} / {_fmt(t_med, 1)} | {_fmt(cpu_min, 1)} | {_fmt(max(rss) if rss else None, 0)} | "
+                     f"{min(load):.1f}-{max(load):.1f} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 case per family, fewer methods, no targets")
+    parser.add_argument("--family", default="all", choices=("all", *cases.FAMILIES, "targets"))
+    parser.add_argument("--cases", type=int, default=6, help="cases per family (default 6)")
+    parser.add_argument("--first-case", type=int, default=0, help="index of the first case (to extend a run)")
+    parser.add_argument("--methods", default=None, help="comma separated methods (default: the family's list)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of each target run (default 2)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run counts as failed")
+    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="Python with antspyx / picsl-greedy")
+    args = parser.parse_args(argv)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    families = list(cases.FAMILIES) + ["targets"] if args.family == "all" else [args.family]
+    if args.quick and args.family == "all":
+        families = list(cases.FAMILIES)
+    if "phantom" in families and not cases.phantom_available():
+        log("phantom data or reference transform not found: skipping the phantom family and the targets")
+        families = [f for f in families if f not in ("phantom", "targets")]
+    installed = {"ants": peer_python_has(args.peer_python, "ants"), "greedy": peer_python_has(args.peer_python, "picsl_greedy")}
+    n = 1 if args.quick else args.cases
+    started = datetime.datetime.now(datetime.timezone.utc)
+    header = [f"Benchmark run {started.strftime('%Y-%m-%d %H:%M UTC')}; {machine_line()}; "
+              f"{n} case(s) per family; ANTs {'installed' if installed['ants'] else 'not installed'}, "
+              f"greedy {'installed' if installed['greedy'] else 'not installed'} ({args.peer_python})", ""]
+    all_rows, tables = [], []
+    for family in families:
+        if family == "targets":
+            rows, table = run_targets(args.repeats, args.seed, args.timeout, log)
+        else:
+            methods = ([m.strip() for m in args.methods.split(",")] if args.methods
+                       else (QUICK_METHODS if args.quick else METHODS)[family])
+            runnable = [m for m in methods if m not in memory.EXTERNAL or installed[m]]
+            rows = run_family(family, n, runnable, args.seed, args.peer_python, args.timeout, log, args.first_case)
+            rows += [{"family": family, "method": m, "failure": "not installed", "case": None, "error_mm": None,
+                      "success": False, "seconds": None, "peak_rss_mb": None} for m in methods if m not in runnable]
+            table = family_table(rows, methods, TITLES[family])
+        all_rows += rows
+        tables.append(table)
+        print(table + "\n", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%S")
+    (RESULTS / f"run_{stamp}.json").write_text(json.dumps(all_rows, indent=1, default=str))
+    (RESULTS / f"run_{stamp}.md").write_text("\n".join(header) + "\n" + "\n\n".join(tables) + "\n")
+    print("\n".join(header))
+    print(f"results: {RESULTS / f'run_{stamp}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
