@@ -157,5 +157,6 @@ def as_float32(image: sitk.Image) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    sitk.WriteImage(image, str(path), compress)
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, compression_level: int = 1) -> None:
+    """Write an image; gzip level 1 by default (about half the time of the default level, ~35% larger)."""
+    sitk.WriteImage(image, str(path), compress, compression_level)
