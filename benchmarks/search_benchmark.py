@@ -47,6 +47,10 @@ sys.path.insert(0, str(REPO / "MultimodalPrealign"))
 from MultimodalPrealignLib import phantoms, prealign, search, transforms  # noqa: E402
 from MultimodalPrealignLib.masks import foreground_mask, mask_centroid_and_axes  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import _unit as random_unit  # noqa: E402  (shared with benchmarks/run.py's case generator)
+from cases import with_header_moved  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
 ELASTIX_PRESET = REPO / "benchmarks" / "peers" / "SlicerElastix_Parameters_Rigid.txt"
@@ -58,19 +62,6 @@ METHODS = ("search", "pipeline", "elastix-default", "brainsfit-default")
 # ------------------------------------------------------------------------------------------ geometry
 def rotation_about(axis, angle_deg: float) -> np.ndarray:
     return search.rotation_vector_matrix(np.asarray(axis, float) / np.linalg.norm(axis) * math.radians(angle_deg))
-
-
-def random_unit(rng: np.random.Generator) -> np.ndarray:
-    v = rng.normal(size=3)
-    return v / np.linalg.norm(v)
-
-
-def with_header_moved(image: sitk.Image, p: np.ndarray) -> sitk.Image:
-    """Same pixels; every voxel's physical position x becomes P(x) (P: 4x4 rigid, LPS mm)."""
-    out = sitk.Image(image)
-    out.SetOrigin((p[:3, :3] @ np.asarray(image.GetOrigin()) + p[:3, 3]).tolist())
-    out.SetDirection((p[:3, :3] @ np.asarray(image.GetDirection()).reshape(3, 3)).ravel().tolist())
-    return out
 
 
 def mean_error(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray) -> float:
