@@ -166,3 +166,23 @@ def test_installed_command_exit_code(good_pair, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--report-only"], "needs the transform"),
+    (["--transform", "t.h5"], "only used with --report-only"),
+    (["--moving-landmarks", "m.fcsv"], "needs --landmarks"),
+    (["--report-only", "--transform", "missing.h5"], "does not exist"),
+])
+def test_report_and_landmark_option_mistakes(capsys, good_pair, tmp_path, extra, needle):
+    code, err = _run(capsys, *_register(good_pair[0], good_pair[1], tmp_path / "out", *extra))
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_landmark_csv_without_coordinate_system(capsys, good_pair, tmp_path):
+    csv = tmp_path / "points.csv"
+    csv.write_text("label,fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z\np1,0,0,0,1,1,1\n")
+    code, err = _run(capsys, *_register(good_pair[0], good_pair[1], tmp_path / "out", "--landmarks", str(csv)))
+    _assert_one_line_error(code, err, "points.csv")
+    assert not (tmp_path / "out").exists()
