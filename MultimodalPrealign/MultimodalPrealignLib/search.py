@@ -521,7 +521,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     warnings: list = []
     progress = inputs.progress
     bins = int(options["histogram_bins"])
-    progress.report("prealign", 0.2, "search: preparing coarse copies")
+    progress.report("prealign", 0.1, "search: preparing coarse copies")
 
     def lap(name, since):
         timings[name] = round(time.perf_counter() - since, 3)
@@ -562,7 +562,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     if scored < len(cands):
         warnings.append(f"search: time budget reached; scored {scored} of {len(cands)} global candidates")
     global_scored = cands[:scored]
-    progress.report("prealign", 0.3, f"search: {scored} poses scored")
+    progress.report("prealign", 0.2, f"search: {scored} poses scored")
     t = lap("global_s", t)
 
     # 2. local pattern search (coarse level) from the best distinct candidates
@@ -639,5 +639,5 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         "timings_s": timings, "budget_s": options["budget_s"],
         "convention": "fixed->moving, physical LPS mm",
     }
-    progress.report("prealign", 0.45, f"search: done in {total:.1f} s (score {best.score:.3f})")
+    progress.report("prealign", 0.3, f"search: done in {total:.1f} s (score {best.score:.3f})")
     return PrealignResult("search", transform, details, warnings, records)
