@@ -152,9 +152,17 @@ def phantom_available() -> bool:
     return (DATA / "ct.nrrd").exists() and (DATA / "mr_t2.nrrd").exists() and REFERENCE.exists()
 
 
+def _reference_key() -> str:
+    """Short hash of the reference transform file: phantom caches are keyed by it, so a new reference
+    never meets truths computed from an old one."""
+    import hashlib
+
+    return hashlib.sha1(REFERENCE.read_bytes()).hexdigest()[:10]
+
+
 def _phantom_base() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reference 4x4, CT body points, MR body centroid), cached."""
-    folder = CACHE / "phantom_base"
+    """(reference 4x4, CT body points, MR body centroid), cached per reference file content."""
+    folder = CACHE / f"phantom_base_{_reference_key()}"
     if (folder / "points.npy").exists():
         return (np.load(folder / "reference.npy"), np.load(folder / "points.npy"), np.load(folder / "mr_centroid.npy"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,7 +184,7 @@ def _phantom_base() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def phantom_case(index: int, seed: int = 0) -> Case:
-    folder = CACHE / f"phantom_s{seed}_{index:03d}"
+    folder = CACHE / f"phantom_s{seed}_{index:03d}_{_reference_key()}"
     cached = _cached(folder)
     if cached is not None:
         return cached
