@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,9 @@ def set_transform_node_from_sitk(transform_node, fixed_to_moving: sitk.Transform
     return transform_node
 
 
-def _read_transform_file_into_node(transform_node, path: Path) -> None:
+@contextmanager
+def _transform_storage(transform_node, path: Path):
+    """A transform storage node for ``path``, in the node's scene for the duration of the block."""
     import slicer
 
     scene = transform_node.GetScene()
@@ -204,11 +207,16 @@ def _read_transform_file_into_node(transform_node, path: Path) -> None:
         scene.AddNode(storage)
     storage.SetFileName(str(path))
     try:
-        if not storage.ReadData(transform_node):
-            raise RuntimeError(f"Slicer could not read the transform file {path}")
+        yield storage
     finally:
         if scene is not None:
             scene.RemoveNode(storage)
+
+
+def _read_transform_file_into_node(transform_node, path: Path) -> None:
+    with _transform_storage(transform_node, path) as storage:
+        if not storage.ReadData(transform_node):
+            raise RuntimeError(f"Slicer could not read the transform file {path}")
 
 
 def sitk_from_transform_node(transform_node, temp_dir: str | None = None) -> sitk.Transform:
@@ -224,22 +232,14 @@ def sitk_from_transform_node(transform_node, temp_dir: str | None = None) -> sit
         transform_node.GetMatrixTransformToParent(matrix)
         lps = transforms.slicer_to_parent_ras_to_fixed_to_moving_lps(vtk_matrix_to_numpy(matrix))
         return transforms.affine_from_matrix(lps)
-    import slicer
-
     folder = Path(temp_dir or tempfile.mkdtemp(prefix="MultimodalPrealign-"))
     path = folder / "slicer_transform.h5"
-    scene = transform_node.GetScene()
-    storage = slicer.vtkMRMLTransformStorageNode()
-    if scene is not None:
-        scene.AddNode(storage)
-    storage.SetFileName(str(path))
     try:
-        if not storage.WriteData(transform_node):
-            raise RuntimeError(f"Slicer could not write the transform '{transform_node.GetName()}' to {path}")
-        return transforms.read_transform(path)
+        with _transform_storage(transform_node, path) as storage:
+            if not storage.WriteData(transform_node):
+                raise RuntimeError(f"Slicer could not write the transform '{transform_node.GetName()}' to {path}")
+            return transforms.read_transform(path)
     finally:
-        if scene is not None:
-            scene.RemoveNode(storage)
         if temp_dir is None:
             _remove_quietly(path)
             _remove_quietly(folder)
