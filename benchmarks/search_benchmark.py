@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,12 +47,12 @@ from MultimodalPrealignLib import phantoms, prealign, search, transforms  # noqa
 from MultimodalPrealignLib.masks import foreground_mask, mask_centroid_and_axes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (the peer runners shared with benchmarks/run.py)
 from cases import _unit as random_unit  # noqa: E402  (shared with benchmarks/run.py's case generator)
 from cases import with_header_moved  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
-ELASTIX_PRESET = REPO / "benchmarks" / "peers" / "SlicerElastix_Parameters_Rigid.txt"
 RESULTS = REPO / "benchmarks" / "results"
 SUCCESS_MM = 2.5
 METHODS = ("search", "pipeline", "elastix-default", "brainsfit-default")
@@ -159,47 +158,9 @@ def run_pipeline(fixed, moving, fixed_small, seed):
     return transforms.to_matrix(result.transform), {"timings_s": timings, "prealign": result.prealign.method}
 
 
-def _to_itk(image: sitk.Image):
-    import itk
-
-    out = itk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(image), dtype=np.float32))
-    out.SetOrigin(image.GetOrigin())
-    out.SetSpacing(image.GetSpacing())
-    out.SetDirection(itk.matrix_from_array(np.asarray(image.GetDirection(), float).reshape(3, 3)))
-    return out
-
-
 def run_elastix_default(fixed, moving, fixed_small, seed):
-    import itk
-
-    from MultimodalPrealignLib.elastix_engine import (
-        elastix_map_to_sitk,
-        parse_parameter_text,
-        translate_elastix_log,
-    )
-
-    params = parse_parameter_text(ELASTIX_PRESET.read_text())
-    params["RandomSeed"] = [str(121212 + seed)]
-    parameter_object = itk.ParameterObject.New()
-    parameter_object.AddParameterMap(params)
-    moving_small = shrink_to(moving, 2.0)
-    method = itk.ElastixRegistrationMethod.New(_to_itk(fixed_small), _to_itk(moving_small))
-    method.SetParameterObject(parameter_object)
-    method.SetLogToConsole(False)
-    with tempfile.TemporaryDirectory(prefix="bench_elastix_") as folder:
-        method.SetOutputDirectory(folder)
-        method.SetLogToFile(True)
-        method.SetLogFileName("elastix.log")
-        try:
-            method.UpdateLargestPossibleRegion()
-        except RuntimeError:
-            log_path = Path(folder) / "elastix.log"
-            raise RuntimeError(translate_elastix_log(log_path.read_text(errors="replace") if log_path.exists()
-                                                     else "")) from None
-    result = method.GetTransformParameterObject()
-    result_map = dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1))
-    transform = elastix_map_to_sitk({k: list(v) for k, v in result_map.items()})
-    return transforms.to_matrix(transform), {}
+    """SlicerElastix's default rigid registration (benchmarks/peers.py) on the ~2 mm copies."""
+    return peers.run_elastix_default(fixed_small, shrink_to(moving, 2.0), seed)
 
 
 def run_brainsfit_default(fixed, moving, fixed_small, seed):
