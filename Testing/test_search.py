@@ -61,8 +61,8 @@ def test_candidates_and_details_are_recorded(flipped_result):
 
     cands = flipped_result.candidates
     assert len(cands) == flipped_result.details["global_scored"] + sum(
-        1 for c in cands if c["stage"] in ("local", "refined", "final"))
-    assert {c["stage"] for c in cands} == {"global", "local", "refined", "final"}
+        1 for c in cands if c["stage"] in ("local", "refined", "turned", "final"))
+    assert {c["stage"] for c in cands} == {"global", "local", "refined", "turned", "final"}
     assert any(c["source"] == "header" for c in cands)
     assert any(c["source"].startswith("cube") for c in cands) and any(c["source"].startswith("axes") for c in cands)
     json.dumps(cands)
@@ -145,3 +145,45 @@ def test_bad_options_are_input_errors():
 def test_auto_uses_search_without_label_maps():
     assert "search" in prealign.available_methods()
     assert prealign.choose_auto(has_labels=False) == "search"
+
+
+def _shrunk(image, factor: float):
+    """The same voxels with spacing and origin multiplied by ``factor`` (a physically smaller object)."""
+    out = image.__copy__()
+    out.SetSpacing([s * factor for s in image.GetSpacing()])
+    out.SetOrigin([o * factor for o in image.GetOrigin()])
+    return out
+
+
+def test_small_object_search_scales_its_lengths():
+    # the flipped torso pair shrunk 10x (a 40-60 mm "mouse"): with human-sized steps (6 mm coarse grid)
+    # the object would be a few voxels wide; the search shrinks its lengths and stays as accurate, in scale
+    pair = _pair(5, rotation_deg=20.0, translation_mm=60.0, flip=True)
+    fixed, moving = _shrunk(pair.fixed, 0.1), _shrunk(pair.moving, 0.1)
+    truth = transforms.to_matrix(pair.fixed_to_moving)
+    truth[:3, 3] *= 0.1  # x -> 0.1 * T(10 x)
+    result = search.prealign(prealign.PrealignInputs(fixed=fixed, moving=moving, seed=0))
+    assert result.details["object_scale"] < 0.5
+    assert result.details["options"]["coarse_spacing_mm"] < 3.0
+    points = phantoms.body_points(pair, n=800, seed=1, overlap_only=True) * 0.1
+    estimate = transforms.to_matrix(result.transform)
+    error = np.mean(np.linalg.norm((points @ estimate[:3, :3].T + estimate[:3, 3])
+                                   - (points @ truth[:3, :3].T + truth[:3, 3]), axis=1))
+    assert error < 0.3  # 3 mm at full size
+
+
+def test_object_scale_is_one_for_human_fields_of_view(flipped_pair):
+    from MultimodalPrealignLib import geometry
+
+    assert geometry.object_scale(flipped_pair.fixed, flipped_pair.moving, 200.0) == 1.0
+    small = _shrunk(flipped_pair.moving, 0.1)
+    assert geometry.object_scale(flipped_pair.fixed, small, 200.0) == pytest.approx(
+        geometry.median_extent_mm(small) / 200.0)
+    # explicit options are kept as given
+    options = search.scaled_options(search.resolve_options({"fine_spacing_mm": 2.0}), 0.1, {"fine_spacing_mm"})
+    assert options["fine_spacing_mm"] == 2.0 and options["coarse_spacing_mm"] == pytest.approx(0.6)
+
+
+def test_turn_probes_are_recorded(flipped_result):
+    turned = [c for c in flipped_result.candidates if c["stage"] == "turned"]
+    assert len(turned) == 3 and all("turned 180" in c["source"] for c in turned)

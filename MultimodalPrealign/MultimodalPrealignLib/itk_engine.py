@@ -55,6 +55,15 @@ def itk_seed(seed: int) -> int:
     return int(seed) + 1
 
 
+def scaled_preset(preset: dict, scale: float) -> dict:
+    """The preset with its lengths (mm) multiplied by ``scale`` (geometry.object_scale; 1 for human anatomy)."""
+    out = dict(preset)
+    for key in ("maximum_step_length", "coarsest_level_spacing_mm", "bspline_grid_spacing_mm"):
+        out[key] = preset[key] * scale
+    out["object_scale"] = scale
+    return out
+
+
 def _sampling_per_level(fixed: sitk.Image, shrink: list[int], percentage: float, min_samples: int) -> list[float]:
     voxels = float(np.prod(fixed.GetSize()))
     result = []
@@ -82,7 +91,7 @@ def _stage_transform(stage: str, fixed: sitk.Image, preset: dict) -> sitk.Transf
 def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, settings: RegistrationSettings,
                  progress: Progress = SILENT, fixed_mask: sitk.Image | None = None,
                  moving_mask: sitk.Image | None = None) -> EngineResult:
-    preset = itk_preset()
+    preset = scaled_preset(itk_preset(), geometry.object_scale(fixed, moving, itk_preset()["reference_extent_mm"]))
     percentage = settings.sampling_percentage if settings.sampling_percentage is not None else preset["sampling_percentage"]
     iterations = settings.iterations if settings.iterations is not None else preset["iterations"]
     shrink, sigmas = pyramid(fixed.GetSpacing(), preset["coarsest_level_spacing_mm"], preset["max_levels"])
@@ -143,10 +152,12 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         if stage == "affine" and preset.get("affine_guard", True):
             check = affine_guard(fixed, moving, total, candidate, fixed_mask, preset)
             if not check["accepted"]:
+                why = ("it lowered the dense mutual information" if check["scales_plausible"] else
+                       "it scaled a direction by more than 5% for a negligible gain in dense mutual information")
                 warnings.append(
-                    f"affine stage rejected: it lowered the dense mutual information ({check['mi_before']:.4f} -> "
-                    f"{check['mi_after']:.4f}) while changing volumes by {100 * (check['determinant'] - 1):+.1f}%; "
-                    "kept the previous stage's result (use --stages rigid to skip the affine stage)")
+                    f"affine stage rejected: {why} ({check['mi_before']:.4f} -> {check['mi_after']:.4f}; principal "
+                    f"scales {', '.join(f'{v:.3f}' for v in check['principal_scales'])}); kept the previous stage's "
+                    "result (use --stages rigid to skip the affine stage)")
                 candidate = total
         total = candidate
         records.append({
@@ -167,6 +178,7 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         "shrink_factors": shrink, "smoothing_sigmas_mm": [round(s, 3) for s in sigmas],
         "optimizer": preset["optimizer"], "maximum_step_length": preset["maximum_step_length"],
         "minimum_step_length": preset["minimum_step_length"], "relaxation_factor": preset["relaxation_factor"],
+        "object_scale": round(preset["object_scale"], 4),
     }
     return EngineResult(total, records, settings_used, warnings=warnings)
 
@@ -206,12 +218,17 @@ def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, 
     Mattes MI on random samples can prefer shrinking or stretching the overlap (partial fields of view,
     cut-off objects); a dense estimate on the SAME voxels under both transforms has no such overlap bias.
     The affine result is accepted when it does not lower this MI by more than ``affine_guard_tolerance``
-    (nats) -- a real affine difference raises it.
+    (nats) -- a real affine difference raises it. A result that scales some direction outside
+    ``affine_guard_scale_range`` (the verdict's "unexpected for one patient" range) must raise it by at
+    least ``affine_guard_min_gain_outside_range``: on a thin slab the affine stage can trade 10-15% of
+    scale along the slab normal for a negligible MI gain.
     """
     f, (m0, m1) = _common_samples(fixed, moving, [before, after], fixed_mask, int(preset.get("affine_guard_samples", 400000)))
     linear = transforms.to_matrix(after)[:3, :3] @ np.linalg.inv(transforms.to_matrix(before)[:3, :3])
+    scales = np.linalg.svd(linear, compute_uv=False)
     result = {"mi_before": None, "mi_after": None, "samples": int(f.size),
-              "determinant": round(float(np.linalg.det(linear)), 5), "accepted": True}
+              "determinant": round(float(np.linalg.det(linear)), 5),
+              "principal_scales": [round(float(v), 4) for v in scales], "accepted": True}
     if f.size < 1000:
         return result
     bins = int(preset.get("affine_guard_bins", 32))
@@ -220,8 +237,12 @@ def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, 
     if f_range[1] <= f_range[0] or m_range[1] <= m_range[0]:
         return result
     before_mi, after_mi = _histogram_mi(f, m0, f_range, m_range, bins), _histogram_mi(f, m1, f_range, m_range, bins)
-    result.update(mi_before=round(before_mi, 5), mi_after=round(after_mi, 5),
-                  accepted=bool(after_mi >= before_mi - float(preset.get("affine_guard_tolerance", 0.002))))
+    lo, hi = preset.get("affine_guard_scale_range", (0.95, 1.05))
+    plausible = bool(np.all((scales >= lo) & (scales <= hi)))
+    needed = -float(preset.get("affine_guard_tolerance", 0.002)) if plausible \
+        else float(preset.get("affine_guard_min_gain_outside_range", 0.01))
+    result.update(mi_before=round(before_mi, 5), mi_after=round(after_mi, 5), scales_plausible=plausible,
+                  accepted=bool(after_mi - before_mi >= needed))
     return result
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import transforms
+from . import geometry, transforms
 from .engines import load_resource_text
 from .errors import InputError
 from .masks import foreground_mask, padding_value
@@ -65,6 +65,22 @@ def default_options() -> dict:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
+#: Options that are lengths (mm). Their defaults are set for human anatomy (a field of view of
+#: ``reference_extent_mm`` or more); for smaller objects they shrink in proportion (see :func:`geometry.object_scale`).
+LENGTH_OPTIONS = ("coarse_spacing_mm", "fine_spacing_mm", "final_spacing_mm", "rim_mm", "slide_step_mm",
+                  "slide_min_difference_mm", "distinct_mm", "local_start_step_mm", "fine_start_step_mm",
+                  "final_start_step_mm")
+
+
+def scaled_options(options: dict, scale: float, user_keys) -> dict:
+    """``options`` with the length options not set by the user multiplied by ``scale``."""
+    out = dict(options)
+    for key in LENGTH_OPTIONS:
+        if key not in user_keys:
+            out[key] = options[key] * scale
+    return out
+
+
 def resolve_options(options: dict | None) -> dict:
     """Defaults overridden by ``options``; unknown keys and bad values raise InputError."""
     resolved = default_options()
@@ -76,7 +92,7 @@ def resolve_options(options: dict | None) -> dict:
         except (TypeError, ValueError):
             raise InputError(f"Search option '{key}' must be a number, got {value!r}",
                              f"use e.g. {key}={resolved[key]}") from None
-        if value < 0 or (value == 0 and key not in ("rim_mm",)):
+        if value < 0 or (value == 0 and key not in ("rim_mm", "turn_probes")):
             raise InputError(f"Search option '{key}' must be positive, got {value}", f"use e.g. {key}={resolved[key]}")
         resolved[key] = value
     if resolved["coarse_spacing_mm"] < resolved["fine_spacing_mm"]:
@@ -516,6 +532,10 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     started = time.perf_counter()
     cpu_started = budget_clock()
     options = resolve_options(inputs.options)
+    scale = geometry.object_scale(inputs.fixed, inputs.moving, options["reference_extent_mm"])
+    options = scaled_options(options, scale, set(inputs.options or {}))
+    if options["coarse_spacing_mm"] < options["fine_spacing_mm"]:
+        options["coarse_spacing_mm"] = options["fine_spacing_mm"]
     deadline = cpu_started + float(options["budget_s"])
     timings: dict = {}
     warnings: list = []
@@ -596,6 +616,29 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     t = lap("refine_s", t)
     best = max(finals, key=lambda c: c.score)
 
+    # 3b. the winner turned 180 degrees about each principal axis of the fixed body (through the overlap
+    # centre), refined the same way: a near-symmetric object can lead every global candidate into the
+    # upside-down basin, and the right one is then a single turn away.
+    turned: list[Candidate] = []
+    if options["turn_probes"] and budget_clock() < deadline:
+        center = overlap_center(best.matrix, fixed_fine, moving_fine)
+        for axis in range(3):
+            if budget_clock() > deadline:
+                warnings.append("search: time budget reached during the 180 degree turn probes")
+                break
+            start = perturbed(best.matrix, center, np.degrees(np.pi * fixed_coarse.body_axes[:, axis]), np.zeros(3))
+            matrix, _ = pattern_search(start, coarse, overlap_center(start, fixed_coarse, moving_coarse),
+                                       options["local_start_step_deg"], options["local_start_step_mm"],
+                                       options["local_min_step_deg"], max(deadline, budget_clock() + 0.2))
+            matrix, out = pattern_search(matrix, fine, overlap_center(matrix, fixed_fine, moving_fine),
+                                         options["fine_start_step_deg"], options["fine_start_step_mm"],
+                                         options["fine_min_step_deg"], max(deadline, budget_clock() + 0.2))
+            turned.append(Candidate(matrix, f"{best.source} turned 180 about body axis {axis}", "turned",
+                                    out["score"], out["mi"], out["overlap"]))
+        best = max([best] + turned, key=lambda c: c.score)
+        finals += turned
+        t = lap("turn_s", t)
+
     # 4. polish the winner on a finer level (more bins and samples), when the budget allows
     polished: list[Candidate] = []
     if options["final_spacing_mm"] < options["fine_spacing_mm"] and budget_clock() < deadline - 0.5:
@@ -628,6 +671,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         "description": "global rigid search (flips, principal axes, rotation grid, sliding for partial field "
                        "of view) scored by overlap-weighted mutual information, then local and MI refinement",
         "options": options,
+        "object_scale": round(scale, 4),
         "chosen": best.record(with_pose=True),
         "chosen_stage": best.stage,
         "global_candidates": len(cands), "global_scored": scored,

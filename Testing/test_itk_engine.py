@@ -1,0 +1,55 @@
+"""Tests of the itk engine's affine guard and its object-size scaling (small images, exact transforms)."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from MultimodalPrealignLib import itk_engine
+from MultimodalPrealignLib.engines import itk_preset
+
+
+def _noise(seed: int) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.random.default_rng(seed).normal(size=(40, 40, 40)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    return image
+
+
+def _scaling(factors) -> sitk.Transform:
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(np.diag(factors).ravel().tolist())
+    t.SetCenter((39.0, 39.0, 39.0))
+    return t
+
+
+def test_guard_rejects_implausible_scale_without_a_real_gain():
+    # two independent noise images: no transform changes the (near-zero) mutual information
+    fixed, moving = _noise(1), _noise(2)
+    preset = itk_preset()
+    plausible = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), _scaling([1.02, 1.0, 0.99]),
+                                        None, preset)
+    implausible = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity),
+                                          _scaling([1.09, 0.94, 0.87]), None, preset)
+    assert plausible["scales_plausible"] and plausible["accepted"]
+    assert not implausible["scales_plausible"] and not implausible["accepted"]
+    assert abs(implausible["mi_after"] - implausible["mi_before"]) < preset["affine_guard_min_gain_outside_range"]
+
+
+def test_guard_accepts_implausible_scale_with_a_clear_gain():
+    # the moving image IS the fixed one scaled by 0.9: the scaling transform raises MI a lot
+    fixed = sitk.SmoothingRecursiveGaussian(_noise(3), 3.0)
+    true = _scaling([0.9, 1.0, 1.0])
+    moving = sitk.Resample(fixed, fixed, true.GetInverse(), sitk.sitkLinear, 0.0)
+    check = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), true, None, itk_preset())
+    assert not check["scales_plausible"] and check["accepted"]
+    assert check["mi_after"] - check["mi_before"] > itk_preset()["affine_guard_min_gain_outside_range"]
+
+
+def test_lengths_shrink_for_small_objects_only():
+    preset = itk_preset()
+    human = itk_engine.scaled_preset(preset, 1.0)
+    mouse = itk_engine.scaled_preset(preset, 0.2)
+    assert human["maximum_step_length"] == preset["maximum_step_length"]
+    assert mouse["maximum_step_length"] == preset["maximum_step_length"] * 0.2
+    assert mouse["coarsest_level_spacing_mm"] == preset["coarsest_level_spacing_mm"] * 0.2
+    assert mouse["minimum_step_length"] == preset["minimum_step_length"]
