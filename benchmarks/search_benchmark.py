@@ -16,9 +16,6 @@ inside the object and inside both fields of view (phantom: CT object mask points
 MR shows; synthetic: torso points inside both images), as in benchmarks/run.py. Success: error <= 2.5 mm.
 Phantom rows also record the error over the whole CT object (``info.error_whole_object_mm``).
 
-Diagnostic ``oracle-dense`` (not a method, run only when named): a dense rigid registration started AT the
-truth; how far it walks away is the floor of any image-driven rigid method on that case.
-
 Methods: ``search`` (search.prealign alone), ``pipeline`` (``run_pipeline`` with default options, i.e.
 what ``multimodal-prealign register`` does), ``elastix-default`` (SlicerElastix's default rigid preset
 with its automatic geometric-centre initialisation, itk-elastix), ``brainsfit-default`` (BRAINSFit's
@@ -60,7 +57,6 @@ REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
 RESULTS = REPO / "benchmarks" / "results"
 SUCCESS_MM = 2.5
 METHODS = ("search", "pipeline", "elastix-default", "brainsfit-default")
-DIAGNOSTICS = ("oracle-dense",)  # not methods: run only when named in --methods
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -200,39 +196,8 @@ def run_brainsfit_default(fixed, moving, fixed_small, seed):
     return transforms.to_matrix(initial), {"sampling_percentage_on_2mm_copy": round(sampling, 4)}
 
 
-def run_oracle_dense(fixed, moving, truth, points, seed):
-    """Not a method: the floor of any rigid, image-driven method on this case.
-
-    A careful dense rigid registration (Mattes MI 48 bins, 20% of the voxels, CT fixed mask > -500 HU,
-    ~1.2 x 1.2 x 1.25 mm CT / 1 x 1 x 2.5 mm MR, two levels) started AT the true transform. Where the
-    images' own best rigid fit differs from the reference (a cropped slab of a pair that is not exactly
-    rigidly related), it walks away from the truth, and no method scored by image similarity can do better.
-    """
-    f = sitk.Cast(sitk.BinShrink(fixed, search.shrink_factors(fixed.GetSpacing(), 1.2)), sitk.sitkFloat32)
-    m = sitk.Cast(sitk.BinShrink(moving, search.shrink_factors(moving.GetSpacing(), 1.0)), sitk.sitkFloat32)
-    center = points.mean(0)
-    start = sitk.VersorRigid3DTransform()
-    start.SetCenter(center.tolist())
-    start.SetMatrix(truth[:3, :3].ravel().tolist())
-    start.SetTranslation((truth[:3, :3] @ center + truth[:3, 3] - center).tolist())
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(48)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed + 5)
-    method.SetMetricFixedMask(sitk.Cast(f > -500, sitk.sitkUInt8))
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(1.0, 0.001, 300, relaxationFactor=0.7)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([2, 1])
-    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(start, inPlace=True)
-    method.Execute(f, m)
-    return transforms.to_matrix(start), {"metric_final": round(float(method.GetMetricValue()), 5)}
-
-
 RUNNERS = {"search": run_search, "pipeline": run_pipeline, "elastix-default": run_elastix_default,
-           "brainsfit-default": run_brainsfit_default, "oracle-dense": run_oracle_dense}
+           "brainsfit-default": run_brainsfit_default}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -252,10 +217,7 @@ def run_study(study: str, n: int, methods: list[str], seed: int, log, limits: di
             cpu_started = time.process_time()
             estimate = None
             try:
-                if name == "oracle-dense":
-                    estimate, info = run_oracle_dense(fixed, moving, truth, points, seed)
-                else:
-                    estimate, info = RUNNERS[name](fixed, moving, fixed_small, seed)
+                estimate, info = RUNNERS[name](fixed, moving, fixed_small, seed)
                 error = mean_error(estimate, truth, points)
                 if whole is not None:
                     info = {**info, "error_whole_object_mm": round(mean_error(estimate, truth, whole), 3)}
@@ -358,8 +320,7 @@ def main(argv=None) -> int:
     if args.rescore:
         rows = [r for path in args.rescore for r in json.loads(path.read_text())]
         rescore_phantom(rows, args.seed)
-        print_tables(rows, sorted({r["study"] for r in rows}, reverse=True),
-                     [m for m in METHODS + DIAGNOSTICS if m in methods])
+        print_tables(rows, sorted({r["study"] for r in rows}, reverse=True), [m for m in METHODS if m in methods])
         return 0
     n = 6 if args.quick else args.cases
     studies = ["phantom", "synthetic"] if args.study == "both" else [args.study]

@@ -113,6 +113,8 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         if moving_mask is not None:
             method.SetMetricMovingMask(moving_mask)
         stage_iterations = iterations
+        if stage == "affine" and settings.iterations is None:
+            stage_iterations = int(preset.get("affine_iterations", iterations))
         if stage == "bspline":
             stage_iterations = settings.iterations if settings.iterations is not None else preset["bspline_iterations"]
             method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=stage_iterations,
