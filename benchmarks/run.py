@@ -218,7 +218,27 @@ def targets_table(rows: list[dict]) -> str:
         lines.append(f"| {label} | {len(sel)} | {_fmt(float(np.median(errors)) if errors else None)} | "
                      f"{_fmt(t_min, 1)} / {_fmt(t_med, 1)} | {_fmt(cpu_min, 1)} | {_fmt(max(rss) if rss else None, 0)} | "
                      f"{min(load):.1f}-{max(load):.1f} | {'; '.join(notes)} |")
+    lines += speedup_lines(rows)
     return "\n".join(lines)
+
+
+def speedup_lines(rows: list[dict]) -> list[str]:
+    """Our pipeline vs elastix's default rigid from the same pre-alignment: whole run and registration part."""
+    ours = [r for r in rows if r["method"] == "ours-files" and "phantom pair" in r["target"] and r["seconds"]]
+    peer = [r["seconds"] for r in rows if r["method"] == "elastix-default-from-prealign" and r["seconds"]]
+    if not ours or not peer:
+        return []
+    peer_median = float(np.median(peer))
+    whole = float(np.median([r["seconds"] for r in ours]))
+    stage = [(r.get("info") or {}).get("timings_s", {}) for r in ours]
+    part = [t["crop"] + t["register"] for t in stage if "crop" in t and "register" in t]
+    out = ["", f"Speed-up vs elastix's default rigid ({peer_median:.1f} s, median): whole pipeline (read, search, "
+               f"crop, register, QA, write) {whole:.1f} s = {peer_median / whole:.1f}x"]
+    if part:
+        part_median = float(np.median(part))
+        out[-1] += (f"; the same work as elastix's run (crop + register from the same pre-alignment) "
+                    f"{part_median:.1f} s = {peer_median / part_median:.1f}x")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ main
