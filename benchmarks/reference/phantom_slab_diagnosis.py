@@ -12,6 +12,11 @@ Two measurements, independent of the code under test:
 
     python benchmarks/reference/phantom_slab_diagnosis.py benchmarks/results/search_benchmark_phantom_50.json
     python benchmarks/reference/phantom_slab_diagnosis.py --scale-fit
+    python benchmarks/reference/phantom_slab_diagnosis.py --picture 1   # docs/images/phantom_slab_case1.png
+
+3. ``--picture CASE``: checkerboards (CT / MR, 24-pixel tiles) of the slab end of a cropped case, top row
+   with the MR placed by the truth (perturbation o reference), bottom row by ``--prealign search``; left a
+   sagittal, right a coronal slice through the object centre, zoomed 2x on the slab.
 """
 
 from __future__ import annotations
@@ -85,12 +90,51 @@ def dense_mi_pair(ct_small: sitk.Image, mr: sitk.Image, matrices, object_mask: n
     return out
 
 
+def picture(case_index: int, out: Path) -> float:
+    from PIL import Image
+
+    from MultimodalPrealignLib import prealign, search
+
+    for _case, fixed, moving, truth, points, _ in sb.phantom_cases(case_index + 1, 0, skip=case_index):
+        estimate = transforms.to_matrix(search.prealign(prealign.PrealignInputs(fixed=fixed, moving=moving,
+                                                                                 seed=0)).transform)
+        grid = sitk.Cast(sitk.BinShrink(fixed, [2, 2, 1]), sitk.sitkFloat32)
+        ix, iy, _ = grid.TransformPhysicalPointToIndex(points.mean(0).tolist())
+        f = sitk.GetArrayFromImage(grid)
+        # rows of the slab: CT slices (z) the MR shows under the truth, plus a margin
+        shown = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(moving * 0 + 1, sitk.sitkUInt8), grid,
+                                                     transforms.rigid_from_matrix(truth), sitk.sitkNearestNeighbor, 0))
+        zs = np.flatnonzero(shown.any(axis=(1, 2)))
+        z0, z1 = max(0, zs.min() - 40), min(f.shape[0], zs.max() + 40)
+        rows = []
+        for matrix in (truth, estimate):
+            w = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), grid,
+                                                     transforms.rigid_from_matrix(matrix), sitk.sitkLinear, 0.0))
+            hi = float(np.percentile(w[w > 0], 99)) if (w > 0).any() else 1.0
+            panels = []
+            for fa, wa in ((f[z0:z1, :, ix], w[z0:z1, :, ix]), (f[z0:z1, iy, :], w[z0:z1, iy, :])):
+                fa, wa = np.clip((fa + 200) / 500, 0, 1), np.clip(wa / hi, 0, 1)
+                yy, xx = np.indices(fa.shape)
+                panels.append(np.flipud(np.where((yy // 24 + xx // 24) % 2 == 0, fa, wa)))
+            rows.append(np.concatenate(panels, 1))
+        rows.insert(1, np.ones((4, rows[0].shape[1])))
+        image = (np.concatenate(rows, 0) * 255).astype(np.uint8)
+        Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(out)
+        return sb.mean_error(estimate, truth, points)
+    raise ValueError(f"no phantom case {case_index}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="*", type=Path, help="search_benchmark.py JSON files")
     parser.add_argument("--scale-fit", action="store_true")
+    parser.add_argument("--picture", type=int, default=None, help="checkerboard PNG of this case's slab end")
     parser.add_argument("--max-error", type=float, default=20.0, help="skip gross failures (mm)")
     args = parser.parse_args(argv)
+    if args.picture is not None:
+        out = sb.REPO / "docs" / "images" / f"phantom_slab_case{args.picture}.png"
+        error = picture(args.picture, out)
+        print(f"{out}: search error {error:.2f} mm over the part of the object the slab shows")
     ct = sitk.ReadImage(str(sb.DATA / "ct.nrrd"))
     mr = sitk.ReadImage(str(sb.DATA / "mr_t2.nrrd"))
     reference = transforms.to_matrix(transforms.read_transform(sb.REFERENCE))
