@@ -53,3 +53,20 @@ def test_lengths_shrink_for_small_objects_only():
     assert mouse["maximum_step_length"] == preset["maximum_step_length"] * 0.2
     assert mouse["coarsest_level_spacing_mm"] == preset["coarsest_level_spacing_mm"] * 0.2
     assert mouse["minimum_step_length"] == preset["minimum_step_length"]
+
+
+def test_registration_guard_keeps_a_better_prealignment():
+    from MultimodalPrealignLib import phantoms, transforms
+
+    pair = phantoms.make_pair(seed=2, labels=False, rotation_deg=8.0, translation_mm=10.0,
+                              fixed_spacing=(3.0, 3.0, 3.0), moving_spacing=(3.0, 3.0, 4.0))
+    truth = pair.fixed_to_moving
+    worse = transforms.compose(sitk.TranslationTransform(3, (6.0, 0.0, 0.0)), truth)  # 6 mm off
+    fixed = sitk.Cast(pair.fixed, sitk.sitkFloat32)
+    moving = sitk.Cast(pair.moving, sitk.sitkFloat32)
+    # a "registration" that moved a correct pre-alignment 6 mm away is rejected ...
+    rejected = itk_engine.registration_guard(fixed, moving, truth, worse, None)
+    assert not rejected["accepted"] and rejected["mi_registered"] < rejected["mi_prealigned"]
+    # ... and one that fixed a 6 mm pre-alignment error is accepted
+    accepted = itk_engine.registration_guard(fixed, moving, worse, truth, None)
+    assert accepted["accepted"] and accepted["mi_registered"] > accepted["mi_prealigned"]

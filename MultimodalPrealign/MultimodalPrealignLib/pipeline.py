@@ -149,6 +149,7 @@ class _AttemptResult:
     plan: crop.CropPlan | None
     result: engines.EngineResult | None
     timings: dict
+    guard: dict | None = None
 
 
 def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None = None,
@@ -235,6 +236,18 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
         except RegistrationError as err:
             record.timings["register"] = time.perf_counter() - t0
             return {"error": err.one_line(), "metrics": {}}, record
+        preset = engines.itk_preset()
+        if preset.get("registration_guard", True):
+            from .itk_engine import registration_guard
+
+            record.guard = registration_guard(fixed_work, moving_work, initial, record.result.transform, fixed_mask,
+                                              preset)
+            if not record.guard["accepted"]:
+                record.result.warnings.append(
+                    f"registration rejected: it lowered the dense mutual information inside the fixed object "
+                    f"({record.guard['mi_prealigned']:.4f} -> {record.guard['mi_registered']:.4f}); kept the "
+                    f"pre-alignment ({label})")
+                record.result.transform = initial
         record.timings["register"] = time.perf_counter() - t0
         progress.report("metrics", 0.9, "measuring before/after and judging the result")
         t0 = time.perf_counter()
@@ -285,7 +298,7 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
         "prealign": {"method": pre.method, "requested": options.prealign, "transform": transforms.summarize(pre.transform),
                      "initial_transform_used": chosen.label, "details": pre.details, "candidates": pre.candidates},
         "crop": chosen.plan.details,
-        "registration": {"engine": chosen.engine, "stages": chosen.result.stages,
+        "registration": {"engine": chosen.engine, "stages": chosen.result.stages, "guard": chosen.guard,
                          "transform": transforms.summarize(final),
                          "correction_after_prealign": _correction(chosen.initial, final)},
         "transform": {"file": "transform.h5", "summary": transforms.summarize(final)},

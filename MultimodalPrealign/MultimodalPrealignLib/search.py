@@ -46,6 +46,7 @@ from scipy import ndimage
 from . import geometry, transforms
 from .engines import load_resource_text
 from .errors import InputError
+from .image_io import as_float32
 from .masks import foreground_mask, padding_value
 from .prealign import PrealignInputs, PrealignResult
 
@@ -548,8 +549,11 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         return time.perf_counter()
 
     t = time.perf_counter()
+    # float32 first: BinShrink of an integer image rounds the averages, and the result would then depend on
+    # whether the caller passed int16 (files) or float32 (the pipeline)
+    fixed_image, moving_image = as_float32(inputs.fixed), as_float32(inputs.moving)
     levels = {}
-    for name, image, seed in (("fixed", inputs.fixed, inputs.seed), ("moving", inputs.moving, inputs.seed + 1)):
+    for name, image, seed in (("fixed", fixed_image, inputs.seed), ("moving", moving_image, inputs.seed + 1)):
         # the coarse level first (its body mask is cheap), then the fine level reusing that mask
         fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"]))
         coarse = make_level(fine_image, options["coarse_spacing_mm"], bins, int(options["max_points_coarse"]),
@@ -643,9 +647,9 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     polished: list[Candidate] = []
     if options["final_spacing_mm"] < options["fine_spacing_mm"] and budget_clock() < deadline - 0.5:
         final_bins = int(options["final_histogram_bins"])
-        fixed_final = make_level(inputs.fixed, options["final_spacing_mm"], final_bins,
+        fixed_final = make_level(fixed_image, options["final_spacing_mm"], final_bins,
                                  int(options["max_points_final"]), options["rim_mm"], inputs.seed, fixed_coarse)
-        moving_final = make_level(inputs.moving, options["final_spacing_mm"], final_bins,
+        moving_final = make_level(moving_image, options["final_spacing_mm"], final_bins,
                                   int(options["max_points_final"]), options["rim_mm"], inputs.seed + 1,
                                   moving_coarse)
         final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"])
