@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from . import __version__, crop, engines, geometry, image_io, metrics, prealign, transforms
 from .errors import InputError, RegistrationError
+from .itk_engine import registration_guard
 from .masks import padding_value
 from .progress import Progress
 
@@ -238,8 +239,6 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
             return {"error": err.one_line(), "metrics": {}}, record
         preset = engines.itk_preset()
         if preset.get("registration_guard", True):
-            from .itk_engine import registration_guard
-
             record.guard = registration_guard(fixed_work, moving_work, initial, record.result.transform, fixed_mask,
                                               preset)
             if not record.guard["accepted"]:
