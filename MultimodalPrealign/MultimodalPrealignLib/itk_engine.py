@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from . import geometry, transforms
 from .engines import EngineResult, RegistrationSettings, itk_preset
 from .errors import RegistrationError
+from .masks import foreground_mask
 from .progress import SILENT, Progress
 
 
@@ -91,7 +92,8 @@ def _stage_transform(stage: str, fixed: sitk.Image, preset: dict) -> sitk.Transf
 def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, settings: RegistrationSettings,
                  progress: Progress = SILENT, fixed_mask: sitk.Image | None = None,
                  moving_mask: sitk.Image | None = None) -> EngineResult:
-    preset = scaled_preset(itk_preset(), geometry.object_scale(fixed, moving, itk_preset()["reference_extent_mm"]))
+    base = itk_preset()
+    preset = scaled_preset(base, geometry.object_scale(fixed, moving, base["reference_extent_mm"]))
     percentage = settings.sampling_percentage if settings.sampling_percentage is not None else preset["sampling_percentage"]
     iterations = settings.iterations if settings.iterations is not None else preset["iterations"]
     shrink, sigmas = pyramid(fixed.GetSpacing(), preset["coarsest_level_spacing_mm"], preset["max_levels"])
@@ -214,6 +216,20 @@ def _histogram_mi(f: np.ndarray, m: np.ndarray, f_range, m_range, bins: int) -> 
     return float(np.sum(p[nz] * np.log(p[nz] / np.outer(pf, pm)[nz])))
 
 
+def _dense_mi_pair(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, after: sitk.Transform,
+                   fixed_mask: sitk.Image | None, max_samples: int, bins: int) -> tuple[int, float | None, float | None]:
+    """(samples, MI before, MI after): joint-histogram MI of the same fixed voxels under both transforms, on
+    fixed intensity ranges (0.5-99.5 percentiles); MI is None with fewer than 1000 samples or a flat range."""
+    f, (m0, m1) = _common_samples(fixed, moving, [before, after], fixed_mask, max_samples)
+    if f.size < 1000:
+        return int(f.size), None, None
+    f_range = tuple(np.percentile(f, [0.5, 99.5]))
+    m_range = tuple(np.percentile(np.concatenate([m0, m1]), [0.5, 99.5]))
+    if f_range[1] <= f_range[0] or m_range[1] <= m_range[0]:
+        return int(f.size), None, None
+    return int(f.size), _histogram_mi(f, m0, f_range, m_range, bins), _histogram_mi(f, m1, f_range, m_range, bins)
+
+
 def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, after: sitk.Transform,
                  fixed_mask: sitk.Image | None, preset: dict) -> dict:
     """Independent check of an affine stage: dense histogram MI on one common voxel set, before vs after.
@@ -226,20 +242,16 @@ def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, 
     least ``affine_guard_min_gain_outside_range``: on a thin slab the affine stage can trade 10-15% of
     scale along the slab normal for a negligible MI gain.
     """
-    f, (m0, m1) = _common_samples(fixed, moving, [before, after], fixed_mask, int(preset.get("affine_guard_samples", 400000)))
+    samples, before_mi, after_mi = _dense_mi_pair(fixed, moving, before, after, fixed_mask,
+                                                  int(preset.get("affine_guard_samples", 400000)),
+                                                  int(preset.get("affine_guard_bins", 32)))
     linear = transforms.to_matrix(after)[:3, :3] @ np.linalg.inv(transforms.to_matrix(before)[:3, :3])
     scales = np.linalg.svd(linear, compute_uv=False)
-    result = {"mi_before": None, "mi_after": None, "samples": int(f.size),
+    result = {"mi_before": None, "mi_after": None, "samples": samples,
               "determinant": round(float(np.linalg.det(linear)), 5),
               "principal_scales": [round(float(v), 4) for v in scales], "accepted": True}
-    if f.size < 1000:
+    if before_mi is None:
         return result
-    bins = int(preset.get("affine_guard_bins", 32))
-    f_range = tuple(np.percentile(f, [0.5, 99.5]))
-    m_range = tuple(np.percentile(np.concatenate([m0, m1]), [0.5, 99.5]))
-    if f_range[1] <= f_range[0] or m_range[1] <= m_range[0]:
-        return result
-    before_mi, after_mi = _histogram_mi(f, m0, f_range, m_range, bins), _histogram_mi(f, m1, f_range, m_range, bins)
     lo, hi = preset.get("affine_guard_scale_range", (0.95, 1.05))
     plausible = bool(np.all((scales >= lo) & (scales <= hi)))
     needed = -float(preset.get("affine_guard_tolerance", 0.002)) if plausible \
@@ -262,22 +274,15 @@ def registration_guard(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tran
     transform lowers it by more than ``registration_guard_tolerance``; the pipeline then keeps the
     pre-alignment.
     """
-    from .masks import foreground_mask
-
     preset = preset or itk_preset()
     body = foreground_mask(fixed, working_spacing_mm=None)
     mask = body if fixed_mask is None else sitk.And(body, sitk.Cast(fixed_mask > 0, sitk.sitkUInt8))
-    f, (m0, m1) = _common_samples(fixed, moving, [initial, final], mask, int(preset["affine_guard_samples"]))
+    samples, before, after = _dense_mi_pair(fixed, moving, initial, final, mask, int(preset["affine_guard_samples"]),
+                                            int(preset["registration_guard_bins"]))
     result = {"measure": "dense MI inside the fixed object, same voxels for both", "mi_prealigned": None,
-              "mi_registered": None, "samples": int(f.size), "accepted": True}
-    if f.size < 1000:
+              "mi_registered": None, "samples": samples, "accepted": True}
+    if before is None:
         return result
-    f_range = tuple(np.percentile(f, [0.5, 99.5]))
-    m_range = tuple(np.percentile(np.concatenate([m0, m1]), [0.5, 99.5]))
-    if f_range[1] <= f_range[0] or m_range[1] <= m_range[0]:
-        return result
-    bins = int(preset["registration_guard_bins"])
-    before, after = _histogram_mi(f, m0, f_range, m_range, bins), _histogram_mi(f, m1, f_range, m_range, bins)
     result.update(mi_prealigned=round(before, 5), mi_registered=round(after, 5),
                   accepted=bool(after >= before - float(preset["registration_guard_tolerance"])))
     return result
