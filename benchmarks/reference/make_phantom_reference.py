@@ -164,6 +164,14 @@ def elastix_refine(mr_work, ct_work, mask, start: np.ndarray) -> np.ndarray:
     return np.linalg.inv(transforms.to_matrix(transforms.compose(initial, stage)))
 
 
+def mr_elastix_inputs(mr: sitk.Image, mr_mask: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """elastix_refine's fixed image and mask: the MR at 1.5 mm and its object mask dilated by 3 voxels."""
+    mr15 = resample_to_spacing(sitk.Cast(mr, sitk.sitkFloat32), [1.5] * 3, default_value=0.0)
+    mask15 = sitk.BinaryDilate(sitk.Resample(mr_mask, mr15, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                             sitk.sitkUInt8), [3, 3, 3])
+    return mr15, mask15
+
+
 def mean_distance(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
     pa = points @ a[:3, :3].T + a[:3, 3]
     pb = points @ b[:3, :3].T + b[:3, 3]
@@ -303,9 +311,7 @@ def main(argv=None) -> int:
 
     if args.elastix_from:
         ct15 = resample_to_spacing(ct, [1.5] * 3, default_value=-1024.0)
-        mr15 = resample_to_spacing(mr, [1.5] * 3, default_value=0.0)
-        mask15 = sitk.BinaryDilate(sitk.Resample(mr_mask, mr15, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                                 sitk.sitkUInt8), [3, 3, 3])
+        mr15, mask15 = mr_elastix_inputs(mr, mr_mask)
         results = []
         for path in args.elastix_from:
             start = transforms.to_matrix(transforms.read_transform(path))
