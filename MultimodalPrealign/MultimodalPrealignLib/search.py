@@ -589,6 +589,13 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     progress.report("prealign", 0.2, f"search: {scored} poses scored")
     t = lap("global_s", t)
 
+    def refine(matrix: np.ndarray, scorer: Scorer, steps: str, until: float):
+        """Pattern search on ``scorer``'s level about the overlap centre, with the ``steps`` option set
+        (``local``, ``fine`` or ``final``: ``<steps>_start_step_deg/_mm``, ``<steps>_min_step_deg``)."""
+        center = overlap_center(matrix, scorer.fixed, scorer.moving)
+        return pattern_search(matrix, scorer, center, options[f"{steps}_start_step_deg"],
+                              options[f"{steps}_start_step_mm"], options[f"{steps}_min_step_deg"], until)
+
     # 2. local pattern search (coarse level) from the best distinct candidates
     probe = fixed_coarse.body_points[:: max(1, fixed_coarse.body_points.shape[0] // 60)]
     local_starts = distinct(global_scored, probe, options["distinct_mm"], int(options["n_local"]))
@@ -598,9 +605,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         if budget_clock() > local_deadline and local:
             warnings.append("search: time budget reached during local search")
             break
-        center = overlap_center(start.matrix, fixed_coarse, moving_coarse)
-        matrix, out = pattern_search(start.matrix, coarse, center, options["local_start_step_deg"],
-                                     options["local_start_step_mm"], options["local_min_step_deg"], local_deadline)
+        matrix, out = refine(start.matrix, coarse, "local", local_deadline)
         local.append(Candidate(matrix, start.source, "local", out["score"], out["mi"], out["overlap"],
                                parent=cands.index(start)))
     t = lap("local_s", t)
@@ -612,10 +617,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         if budget_clock() > deadline and finals:
             warnings.append("search: time budget reached during refinement")
             break
-        center = overlap_center(cand.matrix, fixed_fine, moving_fine)
-        matrix, out = pattern_search(cand.matrix, fine, center, options["fine_start_step_deg"],
-                                     options["fine_start_step_mm"], options["fine_min_step_deg"],
-                                     max(deadline, budget_clock() + 0.2))
+        matrix, out = refine(cand.matrix, fine, "fine", max(deadline, budget_clock() + 0.2))
         finals.append(Candidate(matrix, cand.source, "refined", out["score"], out["mi"], out["overlap"]))
     t = lap("refine_s", t)
     best = max(finals, key=lambda c: c.score)
@@ -631,12 +633,8 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
                 warnings.append("search: time budget reached during the 180 degree turn probes")
                 break
             start = perturbed(best.matrix, center, np.degrees(np.pi * fixed_coarse.body_axes[:, axis]), np.zeros(3))
-            matrix, _ = pattern_search(start, coarse, overlap_center(start, fixed_coarse, moving_coarse),
-                                       options["local_start_step_deg"], options["local_start_step_mm"],
-                                       options["local_min_step_deg"], max(deadline, budget_clock() + 0.2))
-            matrix, out = pattern_search(matrix, fine, overlap_center(matrix, fixed_fine, moving_fine),
-                                         options["fine_start_step_deg"], options["fine_start_step_mm"],
-                                         options["fine_min_step_deg"], max(deadline, budget_clock() + 0.2))
+            matrix, _ = refine(start, coarse, "local", max(deadline, budget_clock() + 0.2))
+            matrix, out = refine(matrix, fine, "fine", max(deadline, budget_clock() + 0.2))
             turned.append(Candidate(matrix, f"{best.source} turned 180 about body axis {axis}", "turned",
                                     out["score"], out["mi"], out["overlap"]))
         best = max([best] + turned, key=lambda c: c.score)
@@ -653,10 +651,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
                                   int(options["max_points_final"]), options["rim_mm"], inputs.seed + 1,
                                   moving_coarse)
         final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"])
-        center = overlap_center(best.matrix, fixed_final, moving_final)
-        matrix, out = pattern_search(best.matrix, final_scorer, center, options["final_start_step_deg"],
-                                     options["final_start_step_mm"], options["final_min_step_deg"],
-                                     max(deadline, budget_clock() + 0.2))
+        matrix, out = refine(best.matrix, final_scorer, "final", max(deadline, budget_clock() + 0.2))
         polished.append(Candidate(matrix, best.source, "final", out["score"], out["mi"], out["overlap"]))
         best = polished[0]
         t = lap("final_s", t)
