@@ -448,15 +448,25 @@ def global_candidates(fixed: Level, moving: Level, options: dict) -> list[Candid
 
 
 # ------------------------------------------------------------------------------------------ local search
-def distinct(cands: list[Candidate], points: np.ndarray, distance_mm: float, limit: int) -> list[Candidate]:
-    """Best-first candidates whose poses move ``points`` more than ``distance_mm`` (mean) from each other."""
+def distinct(cands: list[Candidate], points: np.ndarray, distance_mm: float, limit: int,
+             per_rotation: int | None = None) -> list[Candidate]:
+    """Best-first candidates whose poses move ``points`` more than ``distance_mm`` (mean) from each other.
+
+    ``per_rotation`` caps how many come from one starting rotation (the first word of ``source``, e.g.
+    ``grid6``): slid copies of one rotation are far apart in translation and could otherwise take every slot.
+    """
     chosen: list[Candidate] = []
     moved: list[np.ndarray] = []
+    per_family: dict[str, int] = {}
     for cand in sorted(cands, key=lambda c: -c.score):
+        family = cand.source.split()[0]
+        if per_rotation is not None and per_family.get(family, 0) >= per_rotation:
+            continue
         here = points @ cand.matrix[:3, :3].T + cand.matrix[:3, 3]
         if all(np.mean(np.linalg.norm(here - other, axis=1)) > distance_mm for other in moved):
             chosen.append(cand)
             moved.append(here)
+            per_family[family] = per_family.get(family, 0) + 1
             if len(chosen) >= limit:
                 break
     return chosen
@@ -598,7 +608,8 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
 
     # 2. local pattern search (coarse level) from the best distinct candidates
     probe = fixed_coarse.body_points[:: max(1, fixed_coarse.body_points.shape[0] // 60)]
-    local_starts = distinct(global_scored, probe, options["distinct_mm"], int(options["n_local"]))
+    local_starts = distinct(global_scored, probe, options["distinct_mm"], int(options["n_local"]),
+                            int(options["n_local_per_rotation"]))
     local: list[Candidate] = []
     local_deadline = cpu_started + 0.75 * float(options["budget_s"])
     for start in local_starts:
