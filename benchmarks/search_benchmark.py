@@ -168,7 +168,11 @@ def run_pipeline(fixed, moving, fixed_small, seed):
 
     result = pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions(seed=seed))
     timings = result.report.get("timings_s", {})
-    return transforms.to_matrix(result.transform), {"timings_s": timings, "prealign": result.prealign.method}
+    guard = (result.report.get("registration") or {}).get("guard")
+    return transforms.to_matrix(result.transform), {"timings_s": timings, "prealign": result.prealign.method,
+                                                    "registration_guard": guard,
+                                                    "prealigned_4x4": np.round(transforms.to_matrix(
+                                                        result.prealign.transform), 8).tolist()}
 
 
 def run_elastix_default(fixed, moving, fixed_small, seed):
