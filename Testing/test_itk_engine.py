@@ -22,17 +22,30 @@ def _scaling(factors) -> sitk.Transform:
     return t
 
 
-def test_guard_rejects_implausible_scale_without_a_real_gain():
-    # two independent noise images: no transform changes the (near-zero) mutual information
+def test_guard_rejects_an_affine_stage_without_a_real_gain():
+    # two independent noise images: no transform changes the (near-zero) mutual information, so neither a
+    # plausible nor an implausible scaling earns its six extra parameters
     fixed, moving = _noise(1), _noise(2)
     preset = itk_preset()
     plausible = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), _scaling([1.02, 1.0, 0.99]),
                                         None, preset)
     implausible = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity),
                                           _scaling([1.09, 0.94, 0.87]), None, preset)
-    assert plausible["scales_plausible"] and plausible["accepted"]
+    assert plausible["scales_plausible"] and not plausible["accepted"]
+    assert plausible["min_gain"] == preset["affine_guard_min_gain"]
+    assert abs(plausible["mi_after"] - plausible["mi_before"]) < preset["affine_guard_min_gain"]
     assert not implausible["scales_plausible"] and not implausible["accepted"]
     assert abs(implausible["mi_after"] - implausible["mi_before"]) < preset["affine_guard_min_gain_outside_range"]
+
+
+def test_guard_accepts_a_plausible_scale_with_a_real_gain():
+    # the moving image IS the fixed one scaled by 0.97 along x: the true scaling raises MI clearly
+    fixed = sitk.SmoothingRecursiveGaussian(_noise(4), 3.0)
+    true = _scaling([0.97, 1.0, 1.0])
+    moving = sitk.Resample(fixed, fixed, true.GetInverse(), sitk.sitkLinear, 0.0)
+    check = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), true, None, itk_preset())
+    assert check["scales_plausible"] and check["accepted"]
+    assert check["mi_after"] - check["mi_before"] > itk_preset()["affine_guard_min_gain"]
 
 
 def test_guard_accepts_implausible_scale_with_a_clear_gain():
