@@ -18,8 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import transforms
-from .engines import EngineResult, RegistrationSettings, load_resource_text
+from .engines import EngineResult, RegistrationSettings, itk_preset, load_resource_text
 from .errors import InputError, RegistrationError
+from .itk_engine import affine_guard, affine_rejection_warning
 from .progress import SILENT, Progress
 
 #: elastix never gets fewer spatial samples than this (its own default is 2048).
@@ -129,7 +130,8 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
     fixed_itk, moving_itk = _to_itk(fixed), _to_itk(moving)
     fixed_voxels = int(np.prod(fixed.GetSize()))
     total = initial
-    records, logs, used = [], [], {}
+    records, logs, used, warnings = [], [], {}, []
+    guard_preset = itk_preset()  # the affine guard is engine-independent; its settings live with the itk preset
     workdir = Path(tempfile.mkdtemp(prefix="mmp_elastix_"))
     try:
         for index, stage in enumerate(settings.stages):
@@ -166,17 +168,25 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
             result = method.GetTransformParameterObject()
             result_map = dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1))
             stage_transform = elastix_map_to_sitk({k: list(v) for k, v in result_map.items()})
-            total = transforms.compose(total, stage_transform)
+            candidate = transforms.compose(total, stage_transform)
+            check = None
+            if stage == "affine" and guard_preset.get("affine_guard", True):
+                check = affine_guard(fixed, moving, total, candidate, fixed_mask, guard_preset)
+                if not check["accepted"]:
+                    warnings.append(affine_rejection_warning(check))
+                    candidate = total
+            total = candidate
             records.append({
                 "stage": stage, "engine": "elastix", "seconds": round(time.perf_counter() - started, 3),
                 "metric_final": _final_metric(log), "parameters": used[stage],
+                **({"guard": check} if check is not None else {}),
             })
             progress.check_cancelled()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     settings_used = {"engine": "elastix", "stages": list(settings.stages), "seed": settings.seed,
                      "min_spatial_samples": MIN_SPATIAL_SAMPLES, "parameters_per_stage": used}
-    return EngineResult(total, records, settings_used, log="\n".join(logs))
+    return EngineResult(total, records, settings_used, log="\n".join(logs), warnings=warnings)
 
 
 def _read_log(folder: Path) -> str:

@@ -156,17 +156,7 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         if stage == "affine" and preset.get("affine_guard", True):
             check = affine_guard(fixed, moving, total, candidate, fixed_mask, preset)
             if not check["accepted"]:
-                if check["mi_after"] < check["mi_before"]:
-                    why = "it lowered the dense mutual information"
-                elif check["scales_plausible"]:
-                    why = (f"it raised the dense mutual information by less than {check['min_gain']:g} nats, too "
-                           "little for six more parameters")
-                else:
-                    why = "it scaled a direction by more than 5% for a negligible gain in dense mutual information"
-                warnings.append(
-                    f"affine stage rejected: {why} ({check['mi_before']:.4f} -> {check['mi_after']:.4f}; principal "
-                    f"scales {', '.join(f'{v:.3f}' for v in check['principal_scales'])}); kept the previous stage's "
-                    "result (use --stages rigid to skip the affine stage)")
+                warnings.append(affine_rejection_warning(check))
                 candidate = total
         total = candidate
         records.append({
@@ -264,6 +254,19 @@ def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, 
     result.update(mi_before=round(before_mi, 5), mi_after=round(after_mi, 5), scales_plausible=plausible,
                   min_gain=needed, accepted=bool(after_mi - before_mi >= needed))
     return result
+
+
+def affine_rejection_warning(check: dict) -> str:
+    """The one-line warning for an affine stage that :func:`affine_guard` rejected."""
+    if check["mi_after"] < check["mi_before"]:
+        why = "it lowered the dense mutual information"
+    elif check["scales_plausible"]:
+        why = f"it raised the dense mutual information by less than {check['min_gain']:g} nats, too little for six more parameters"
+    else:
+        why = "it scaled a direction by more than 5% for a negligible gain in dense mutual information"
+    return (f"affine stage rejected: {why} ({check['mi_before']:.4f} -> {check['mi_after']:.4f}; principal scales "
+            f"{', '.join(f'{v:.3f}' for v in check['principal_scales'])}); kept the previous stage's result "
+            "(use --stages rigid to skip the affine stage)")
 
 
 def registration_guard(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, final: sitk.Transform,
