@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from . import transforms
 from .engines import EngineResult, RegistrationSettings, itk_preset, load_resource_text
 from .errors import InputError, RegistrationError
-from .itk_engine import affine_guard, affine_rejection_warning
+from .itk_engine import guarded_stage
 from .progress import SILENT, Progress
 
 #: elastix never gets fewer spatial samples than this (its own default is 2048).
@@ -168,14 +168,8 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
             result = method.GetTransformParameterObject()
             result_map = dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1))
             stage_transform = elastix_map_to_sitk({k: list(v) for k, v in result_map.items()})
-            candidate = transforms.compose(total, stage_transform)
-            check = None
-            if stage == "affine" and guard_preset.get("affine_guard", True):
-                check = affine_guard(fixed, moving, total, candidate, fixed_mask, guard_preset)
-                if not check["accepted"]:
-                    warnings.append(affine_rejection_warning(check))
-                    candidate = total
-            total = candidate
+            total, check = guarded_stage(stage, fixed, moving, total, transforms.compose(total, stage_transform),
+                                         fixed_mask, guard_preset, warnings)
             records.append({
                 "stage": stage, "engine": "elastix", "seconds": round(time.perf_counter() - started, 3),
                 "metric_final": _final_metric(log), "parameters": used[stage],

@@ -151,14 +151,8 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
                 method.Execute(fixed, moving)
         except RuntimeError as err:
             raise RegistrationError(translate_itk_error(str(err), stage), _fix_for_itk_error(str(err))) from None
-        candidate = transforms.compose(stage_transform, total)
-        check = None
-        if stage == "affine" and preset.get("affine_guard", True):
-            check = affine_guard(fixed, moving, total, candidate, fixed_mask, preset)
-            if not check["accepted"]:
-                warnings.append(affine_rejection_warning(check))
-                candidate = total
-        total = candidate
+        total, check = guarded_stage(stage, fixed, moving, total, transforms.compose(stage_transform, total),
+                                     fixed_mask, preset, warnings)
         records.append({
             "stage": stage, "engine": "itk", "seconds": round(time.perf_counter() - started, 3),
             "iterations": int(evaluations["n"]), "max_iterations_per_level": int(stage_iterations),
@@ -254,6 +248,20 @@ def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, 
     result.update(mi_before=round(before_mi, 5), mi_after=round(after_mi, 5), scales_plausible=plausible,
                   min_gain=needed, accepted=bool(after_mi - before_mi >= needed))
     return result
+
+
+def guarded_stage(stage: str, fixed: sitk.Image, moving: sitk.Image, previous: sitk.Transform,
+                  candidate: sitk.Transform, fixed_mask: sitk.Image | None, preset: dict,
+                  warnings: list) -> tuple[sitk.Transform, dict | None]:
+    """A stage's result and its guard record: ``previous`` instead (and a warning) when an affine stage fails
+    :func:`affine_guard`. Used by both engines."""
+    if stage != "affine" or not preset.get("affine_guard", True):
+        return candidate, None
+    check = affine_guard(fixed, moving, previous, candidate, fixed_mask, preset)
+    if check["accepted"]:
+        return candidate, check
+    warnings.append(affine_rejection_warning(check))
+    return previous, check
 
 
 def affine_rejection_warning(check: dict) -> str:
