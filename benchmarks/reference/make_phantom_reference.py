@@ -164,6 +164,11 @@ def elastix_refine(mr_work, ct_work, mask, start: np.ndarray) -> np.ndarray:
     return np.linalg.inv(transforms.to_matrix(transforms.compose(initial, stage)))
 
 
+def ct_elastix_input(ct: sitk.Image) -> sitk.Image:
+    """elastix_refine's moving image: the CT at 1.5 mm, -1024 HU outside."""
+    return resample_to_spacing(sitk.Cast(ct, sitk.sitkFloat32), [1.5] * 3, default_value=-1024.0)
+
+
 def mr_elastix_inputs(mr: sitk.Image, mr_mask: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
     """elastix_refine's fixed image and mask: the MR at 1.5 mm and its object mask dilated by 3 voxels."""
     mr15 = resample_to_spacing(sitk.Cast(mr, sitk.sitkFloat32), [1.5] * 3, default_value=0.0)
@@ -310,7 +315,7 @@ def main(argv=None) -> int:
         return np.linalg.inv(result), value
 
     if args.elastix_from:
-        ct15 = resample_to_spacing(ct, [1.5] * 3, default_value=-1024.0)
+        ct15 = ct_elastix_input(ct)
         mr15, mask15 = mr_elastix_inputs(mr, mr_mask)
         results = []
         for path in args.elastix_from:

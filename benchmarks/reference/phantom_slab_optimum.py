@@ -34,11 +34,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import search_benchmark as sb  # noqa: E402
-from make_phantom_reference import elastix_refine, mr_elastix_inputs  # noqa: E402
+from make_phantom_reference import ct_elastix_input, elastix_refine, mr_elastix_inputs  # noqa: E402
 
 from MultimodalPrealignLib import pipeline, prealign, search, transforms  # noqa: E402
 from MultimodalPrealignLib.masks import foreground_mask  # noqa: E402
-from MultimodalPrealignLib.resample import resample_to_spacing  # noqa: E402
 
 AGREE_MM = 0.1
 
@@ -98,7 +97,7 @@ def slice_scale_scan(scales: list[float]) -> None:
     ct = sitk.ReadImage(str(sb.DATA / "ct.nrrd"), sitk.sitkFloat32)
     mr = sitk.ReadImage(str(sb.DATA / "mr_t2.nrrd"), sitk.sitkFloat32)
     reference = transforms.to_matrix(transforms.read_transform(sb.REFERENCE))
-    ct15 = resample_to_spacing(ct, [1.5] * 3, default_value=-1024.0)
+    ct15 = ct_elastix_input(ct)
     direction = np.asarray(mr.GetDirection()).reshape(3, 3)
     size, spacing = np.asarray(mr.GetSize()), np.asarray(mr.GetSpacing())
     centre = np.asarray(mr.GetOrigin()) + direction @ (spacing * (size - 1) / 2)
@@ -170,7 +169,7 @@ def main(argv=None) -> int:
         if case["crop"] is None or case["case"] % n_parts != k:
             continue
         if ct15 is None:
-            ct15 = resample_to_spacing(sitk.Cast(fixed, sitk.sitkFloat32), [1.5] * 3, default_value=-1024.0)
+            ct15 = ct_elastix_input(fixed)
         rows.append(run_case(case, fixed, moving, truth, points, ct15))
         print(json.dumps({key: v for key, v in rows[-1].items() if not key.endswith("4x4")}), flush=True)
         args.out.write_text(json.dumps(rows, indent=1))
