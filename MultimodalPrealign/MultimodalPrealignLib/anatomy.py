@@ -573,8 +573,8 @@ def dice_scores(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix: np.nd
     warped = sitk.Resample(moving_canon, fixed_small, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
     ones = sitk.Image(moving_canon.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving_canon)
-    inside = sitk.GetArrayViewFromImage(
-        sitk.Resample(ones, fixed_small, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+    inside_image = sitk.Resample(ones, fixed_small, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    inside = sitk.GetArrayViewFromImage(inside_image) > 0  # a view: ``inside_image`` must outlive it
     f = sitk.GetArrayViewFromImage(fixed_small)
     m = sitk.GetArrayViewFromImage(warped)
     whole, common = {}, {}

@@ -122,8 +122,8 @@ def _validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
     pad = padding_value(original)
     if pad is not None:
         data = sitk.GetArrayViewFromImage(work) > pad + 1.0
-        data = sitk.GetArrayViewFromImage(sitk.BinaryErode(sitk.Cast(_array_like(data, work), sitk.sitkUInt8),
-                                                           [1, 1, 1])) > 0
+        eroded = sitk.BinaryErode(sitk.Cast(_array_like(data, work), sitk.sitkUInt8), [1, 1, 1])
+        data = sitk.GetArrayViewFromImage(eroded) > 0  # a view: ``eroded`` must outlive it
         inside &= data
     if inside.all() or int(np.count_nonzero(inside)) < 1000:
         return None
