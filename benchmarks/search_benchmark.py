@@ -32,6 +32,7 @@ give at full resolution / in elastix.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -163,13 +164,15 @@ def run_search(fixed, moving, fixed_small, seed):
     return transforms.to_matrix(result.transform), info
 
 
-def run_pipeline(fixed, moving, fixed_small, seed):
+def run_pipeline(fixed, moving, fixed_small, seed, options: dict | None = None):
+    """``run_pipeline`` with default options, or with ``options`` (PipelineOptions fields) changed."""
     from MultimodalPrealignLib import pipeline
 
-    result = pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions(seed=seed))
+    result = pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions(seed=seed, **(options or {})))
     timings = result.report.get("timings_s", {})
     guard = (result.report.get("registration") or {}).get("guard")
     return transforms.to_matrix(result.transform), {"timings_s": timings, "prealign": result.prealign.method,
+                                                    "options_changed": options or {},
                                                     "registration_guard": guard,
                                                     "prealigned_4x4": np.round(transforms.to_matrix(
                                                         result.prealign.transform), 8).tolist()}
@@ -206,10 +209,12 @@ RUNNERS = {"search": run_search, "pipeline": run_pipeline, "elastix-default": ru
 
 # ------------------------------------------------------------------------------------------ driver
 def run_study(study: str, n: int, methods: list[str], seed: int, log, limits: dict | None = None,
-              skip: int = 0) -> list[dict]:
+              skip: int = 0, pipeline_options: dict | None = None) -> list[dict]:
     """All methods on the same ``n`` cases; ``limits`` {method: k} runs a method on the first k cases only;
-    ``skip`` leaves out the first cases (to continue an earlier run)."""
+    ``skip`` leaves out the first cases (to continue an earlier run); ``pipeline_options`` changes
+    PipelineOptions fields of the ``pipeline`` method."""
     limits = limits or {}
+    runners = {**RUNNERS, "pipeline": functools.partial(run_pipeline, options=pipeline_options)}
     cases = phantom_cases(n, seed, skip) if study == "phantom" else synthetic_cases(n, seed, skip)
     rows = []
     for case, fixed, moving, truth, points, fixed_small in cases:
@@ -221,7 +226,7 @@ def run_study(study: str, n: int, methods: list[str], seed: int, log, limits: di
             cpu_started = time.process_time()
             estimate = None
             try:
-                estimate, info = RUNNERS[name](fixed, moving, fixed_small, seed)
+                estimate, info = runners[name](fixed, moving, fixed_small, seed)
                 error = mean_error(estimate, truth, points)
                 if whole is not None:
                     info = {**info, "error_whole_object_mm": round(mean_error(estimate, truth, whole), 3)}
@@ -314,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", default="", help="run some methods on the first k cases only, e.g. "
                         "pipeline=10,brainsfit-default=20 (same cases as the others)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for all rows (default benchmarks/results/...)")
+    parser.add_argument("--pipeline-options", type=json.loads, default=None, metavar="JSON",
+                        help='PipelineOptions fields for the pipeline method, e.g. \'{"max_working_voxels": 3000000}\'')
     parser.add_argument("--rescore", type=Path, nargs="+", default=None,
                         help="only print the tables of earlier JSON rows (phantom errors recomputed with the current reference)")
     args = parser.parse_args(argv)
@@ -343,7 +350,7 @@ def main(argv=None) -> int:
         limits[name] = int(value)
     all_rows = []
     for study in studies:
-        all_rows += run_study(study, n, methods, args.seed, log, limits, args.skip)
+        all_rows += run_study(study, n, methods, args.seed, log, limits, args.skip, args.pipeline_options)
     out = args.out or RESULTS / f"search_benchmark_{'_'.join(studies)}_{n}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(all_rows, indent=1))
