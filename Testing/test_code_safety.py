@@ -1,4 +1,4 @@
-"""Static checks of the core's source for memory-safety traps that tests of results cannot catch reliably."""
+"""Static checks of the core's and the benchmarks' source for memory-safety traps that tests of results cannot catch."""
 
 from __future__ import annotations
 
