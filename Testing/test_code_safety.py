@@ -1,4 +1,4 @@
-"""Static checks of the core's and the benchmarks' source for memory-safety traps that tests of results cannot catch."""
+"""Static checks of the core and benchmark sources for memory-safety traps that result tests cannot catch."""
 
 from __future__ import annotations
 
