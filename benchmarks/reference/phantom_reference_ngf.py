@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import search_benchmark as sb  # noqa: E402
 from make_phantom_reference import ct_elastix_input, mr_elastix_inputs  # noqa: E402
-from phantom_slab_optimum import slab_metric  # noqa: E402
+from phantom_slab_optimum import along_axis_shift, slab_metric  # noqa: E402
 
 from MultimodalPrealignLib import search, transforms  # noqa: E402
 from MultimodalPrealignLib.masks import foreground_mask  # noqa: E402
@@ -108,12 +108,10 @@ def main(argv=None) -> int:
     mr15, mask15 = mr_elastix_inputs(mr, foreground_mask(mr))
     ngf = NGF(ct15, mr15, mask15)
     fitted = rigid_fit(ngf, reference, ngf.points.mean(0))
-    d = np.linalg.inv(reference) @ fitted
-    c = points.mean(0)
-    angle = np.degrees(np.arccos(np.clip((np.trace(d[:3, :3]) - 1) / 2, -1, 1)))
+    angle = transforms.rotation_angle_deg(np.linalg.inv(reference) @ fitted)
     print(f"NGF rigid optimum of the whole pair vs the Mattes MI reference: mean distance over the CT object "
           f"{sb.mean_error(fitted, reference, points):.2f} mm; object centre moved (CT LPS) "
-          f"{np.round(d[:3, :3] @ c + d[:3, 3] - c, 2).tolist()} mm, rotation {angle:.2f} deg")
+          f"{along_axis_shift(fitted, reference, points)} mm, rotation {angle:.2f} deg")
     axis = np.asarray(mr.GetDirection()).reshape(3, 3)[:, 2]
     shifts = np.arange(-10.0, 10.5, 1.0)
     n_slices = mr.GetSize()[2]
