@@ -31,11 +31,14 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # the core package ships next to this file
     sys.path.insert(0, _MODULE_DIR)
 
-from MultimodalPrealignLib import mrml_bridge, slicer_tools  # noqa: E402
+from MultimodalPrealignLib.slicer import (
+    mrml_bridge,  # noqa: E402
+    tools,  # noqa: E402
+)
 
 DOCS_URL = "https://github.com/MultimodalPrealign/SlicerMultimodalPrealign/blob/main/docs/user_guide.md"
 PREALIGN_METHODS = ["auto", "search", "anatomy", "moments", "geometry", "header", "none"]
-ENGINES = list(slicer_tools.SLICER_ENGINES)  # brainsfit, elastix, core
+ENGINES = list(tools.SLICER_ENGINES)  # brainsfit, elastix, core
 CORE_ENGINES = ["itk", "elastix"]
 #: The embedded demo pair (scripts/make_demo_data.py: MRI-DIR porcine phantom, CC BY 4.0, downsampled).
 DEMO_FILES = {"MultimodalPrealignDemoCT": "ct_demo.nrrd", "MultimodalPrealignDemoMR": "mr_demo.nrrd"}
@@ -194,7 +197,7 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.segmentFixedButton.visible = available
         self.ui.segmentMovingButton.visible = available
         self.ui.totalSegmentatorHintLabel.visible = not available
-        self.ui.totalSegmentatorHintLabel.text = slicer_tools.TOTALSEGMENTATOR_INSTALL_HINT + "."
+        self.ui.totalSegmentatorHintLabel.text = tools.TOTALSEGMENTATOR_INSTALL_HINT + "."
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = ""
@@ -357,13 +360,13 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def showQualityCheck(self, result):
         """Verdict line, the metrics table node, one thumbnail per picture (click: full size), report buttons."""
-        self.ui.verdictLabel.text = slicer_tools.verdict_rich_text(result.verdict, result.verdictReasons)
+        self.ui.verdictLabel.text = tools.verdict_rich_text(result.verdict, result.verdictReasons)
         self.ui.qualityTableView.setMRMLTableNode(result.tableNode)
         self.ui.qualityTableView.resizeColumnsToContents()
         self._clearPictures()
         layout = self.ui.picturesWidget.layout()
         base = result.reportDirectory or ""
-        for entry in slicer_tools.picture_entries(result.pictures, base):
+        for entry in tools.picture_entries(result.pictures, base):
             button = pictureThumbnailButton(entry["path"], entry["title"], entry["tooltip"])
             layout.addWidget(button, entry["row"], entry["column"])
             self._pictureButtons.append(button)
@@ -426,13 +429,13 @@ def diagnosticsKey(fixedVolume, movingVolume):
 
 
 def formatDiagnostics(diagnosticsDict):
-    from MultimodalPrealignLib import diagnostics
+    from MultimodalPrealignLib import diagnose
 
-    return diagnostics.format_diagnostics(diagnosticsDict)
+    return diagnose.format_diagnostics(diagnosticsDict)
 
 
 def diagnosticsText(fixedVolume, movingVolume, logic=None):
-    """The pair's diagnostics (``diagnostics.format_diagnostics``, headers trusted) shown when both are selected.
+    """The pair's diagnostics (``diagnose.format_diagnostics``, headers trusted) shown when both are selected.
 
     Falls back to header-only lines when the voxels cannot be diagnosed (e.g. a volume without image data).
     """
@@ -442,7 +445,7 @@ def diagnosticsText(fixedVolume, movingVolume, logic=None):
         logging.info("MultimodalPrealign: full pair diagnostics unavailable: %s", err)
         lines = [f"Full diagnostics unavailable: {err}"]
     try:
-        lines += slicer_tools.diagnostics_lines(mrml_bridge.pair_header_summary(fixedVolume, movingVolume))
+        lines += tools.diagnostics_lines(mrml_bridge.pair_header_summary(fixedVolume, movingVolume))
     except Exception as err:  # a volume without image data yet
         lines.append(f"Header summary unavailable: {err}")
     return "\n".join(lines)
@@ -457,7 +460,7 @@ def pictureThumbnailButton(path, title, toolTip):
     """A flat button showing the picture scaled to a thumbnail; clicking opens the full-size PNG."""
     button = qt.QToolButton()
     pixmap = qt.QPixmap(str(path))
-    size = slicer_tools.THUMBNAIL_PIXELS
+    size = tools.THUMBNAIL_PIXELS
     if not pixmap.isNull():
         pixmap = pixmap.scaled(size, size, qt.Qt.KeepAspectRatio, qt.Qt.SmoothTransformation)
         button.setIcon(qt.QIcon(pixmap))
@@ -525,7 +528,7 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
             elastixLogic = ElastixLogic()
         except ImportError:
             pass
-        return slicer_tools.SlicerServices(
+        return tools.SlicerServices(
             scene=slicer.mrmlScene, crop_logic=slicer.modules.cropvolume.logic(), temp_dir=tempDir,
             run_sync=slicer.cli.runSync, brainsfit_module=brainsfit, elastix_logic=elastixLogic)
 
@@ -575,8 +578,8 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
             if engine == "core":
                 result = pipeline.run_pipeline(fixed, moving, options, fixedLabels, movingLabels, progress)
             else:
-                run = slicer_tools.SlicerToolsRun(self.slicerServices(tempDir), engine, fixedVolumeNode, movingVolumeNode)
-                result = slicer_tools.run_pipeline_with_slicer_tools(fixed, moving, options, run, fixedLabels,
+                run = tools.SlicerToolsRun(self.slicerServices(tempDir), engine, fixedVolumeNode, movingVolumeNode)
+                result = tools.run_pipeline_with_slicer_tools(fixed, moving, options, run, fixedLabels,
                                                                      movingLabels, progress)
             if outputTransformNode is None:
                 outputTransformNode = slicer.mrmlScene.AddNewNodeByClass(
@@ -604,12 +607,12 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
                 "vtkMRMLTableNode", f"{movingVolumeNode.GetName()} to {fixedVolumeNode.GetName()} quality check")
         report["slicer"]["table_node"] = outputTableNode.GetID()
         if writeReport and reportDirectory is None:
-            reportDirectory = slicer_tools.new_report_directory(
+            reportDirectory = tools.new_report_directory(
                 self.reportRootDirectory(), movingVolumeNode.GetName(), fixedVolumeNode.GetName())
-        outputs = slicer_tools.write_quality_check(
+        outputs = tools.write_quality_check(
             report, reportDirectory, fixed, moving, result.initial or result.prealign.transform, result.transform,
             fixedLabels, movingLabels, result.structure_pairs, write_pictures=writeReport)
-        slicer_tools.fill_quality_table(outputTableNode, report)
+        tools.fill_quality_table(outputTableNode, report)
         outputTableNode.SetAttribute("MultimodalPrealign.ReportDirectory", outputs["directory"] or "")
         announce("report", 1.0, f"verdict {report.get('verdict')}"
                  + (f"; report in {outputs['directory']}" if outputs["directory"] else ""))
@@ -624,12 +627,12 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         return slicer.app.temporaryPath
 
     def pairDiagnostics(self, fixedVolumeNode, movingVolumeNode):
-        """``diagnostics.diagnose_pair`` of two volume nodes with the headers trusted (no pre-alignment): ~1 s."""
-        from MultimodalPrealignLib import diagnostics
+        """``diagnose.diagnose_pair`` of two volume nodes with the headers trusted (no pre-alignment): ~1 s."""
+        from MultimodalPrealignLib import diagnose
 
         fixed = mrml_bridge.volume_node_to_sitk(fixedVolumeNode, "fixed volume")
         moving = mrml_bridge.volume_node_to_sitk(movingVolumeNode, "moving volume")
-        return diagnostics.diagnose_pair(fixed, moving, None, "header")
+        return diagnose.diagnose_pair(fixed, moving, None, "header")
 
     def _labels(self, segmentationNode, volumeNode, options, which):
         """Label map (TotalSegmentator class ids) of a segmentation on its volume's grid, and its task."""
@@ -638,14 +641,14 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
         names = ids + [segmentation.GetSegment(i).GetName() for i in ids]
-        task = slicer_tools.best_task_for_segment_names(names)
+        task = tools.best_task_for_segment_names(names)
         if task is None:
             from MultimodalPrealignLib.errors import InputError
 
             raise InputError(f"The {which} segmentation '{segmentationNode.GetName()}' holds no TotalSegmentator classes",
                              "segment with TotalSegmentator (buttons in the Inputs section) or clear the selection")
         labels, _info = mrml_bridge.labelmap_from_segmentation(segmentationNode, volumeNode,
-                                                               slicer_tools.class_ids_for_task(task))
+                                                               tools.class_ids_for_task(task))
         if which == "fixed":
             options.fixed_labels_task = task
         else:
@@ -657,18 +660,18 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         if not totalSegmentatorAvailable():
             from MultimodalPrealignLib.errors import InputError
 
-            raise InputError("The TotalSegmentator extension is not installed", slicer_tools.TOTALSEGMENTATOR_INSTALL_HINT)
+            raise InputError("The TotalSegmentator extension is not installed", tools.TOTALSEGMENTATOR_INSTALL_HINT)
         from TotalSegmentator import TotalSegmentatorLogic
 
         array = slicer.util.arrayFromVolume(volumeNode)[::4, ::4, ::4]
         import SimpleITK as sitk
 
-        task = slicer_tools.totalsegmentator_task(slicer_tools.guess_modality(sitk.GetImageFromArray(array.copy())))
+        task = tools.totalsegmentator_task(tools.guess_modality(sitk.GetImageFromArray(array.copy())))
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                           f"{volumeNode.GetName()} TotalSegmentator {task}")
         logic = TotalSegmentatorLogic()
         logic.setupPythonRequirements()
-        slicer_tools.run_totalsegmentator(logic, volumeNode, segmentation, task, fast=fast, cpu=cpu)
+        tools.run_totalsegmentator(logic, volumeNode, segmentation, task, fast=fast, cpu=cpu)
         return segmentation
 
     def showInSliceViews(self, fixedVolumeNode, movingVolumeNode, transformNode, what="after"):
@@ -732,7 +735,7 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
         self.test_widget_parameter_node()
 
     def _pair(self):
-        from MultimodalPrealignLib import phantoms
+        from MultimodalPrealignLib.synthetic import phantoms
 
         pair = phantoms.make_pair(seed=3, fixed_spacing=(4.0, 4.0, 4.0), moving_spacing=(4.0, 4.0, 5.0),
                                   rotation_deg=10.0, translation_mm=15.0, labels=False)
@@ -745,9 +748,9 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
     def _checkAccuracy(self, pair, result, movingNode, limitMm=3.0):
         import numpy as np
 
-        from MultimodalPrealignLib import geometry, transforms
+        from MultimodalPrealignLib.geometry import image_space, transforms
 
-        points = geometry.grid_points(pair.fixed, 6)
+        points = image_space.grid_points(pair.fixed, 6)
         error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, points)
         self.assertLess(error, limitMm)
         # Through Slicer: the moving voxel that shows fixed point p appears at p (RAS).

@@ -12,8 +12,11 @@ import pytest
 import SimpleITK as sitk
 from dicom_synth import axial_positions, write_series
 
-from MultimodalPrealignLib import diagnostics, image_io, transforms
+from MultimodalPrealignLib import cli, diagnose
 from MultimodalPrealignLib.errors import EXIT_BAD_INPUT
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.io import image_io
+from MultimodalPrealignLib.pipeline.diagnosis import diagnose_with_prealign
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -85,7 +88,7 @@ def test_partial_slab_with_shifted_header():
     # MR slab: 30 mm of the CT's 180 mm head-feet extent, 2 x 2 x 5 mm voxels, header 200 mm off along S.
     mr = mr_like(ct, (-60.0, -50.0, -10.0), (60.0, 50.0, 20.0), (2.0, 2.0, 5.0), origin_shift=(0.0, 0.0, 200.0))
     truth = transforms.translation((0.0, 0.0, 200.0))  # fixed point -> moving point
-    d = diagnostics.diagnose_pair(ct, mr, truth, "truth")
+    d = diagnose.diagnose_pair(ct, mr, truth, "truth")
     assert d["fixed"]["extent_mm_lps"] == pytest.approx([144.0, 144.0, 180.0])
     assert d["moving"]["extent_mm_lps"] == pytest.approx([120.0, 100.0, 30.0])
     assert d["ratios"]["extent_ratio_moving_over_fixed"] == pytest.approx([120 / 144, 100 / 144, 30 / 180], abs=1e-3)
@@ -104,7 +107,7 @@ def test_partial_slab_with_shifted_header():
     assert "The moving MR covers 17% of the fixed CT's head-feet extent (30 of 180 mm)" in text
     assert "do not overlap" in text and "share no frame of reference" in text
     assert d["verdict_code"] == "prealign_and_crop"
-    report = diagnostics.format_diagnostics(d)
+    report = diagnose.format_diagnostics(d)
     assert "144.0 x 144.0 x 180.0" in report and "Verdict: Pre-alignment and cropping" in report
     json.dumps(d)  # JSON-ready
 
@@ -114,7 +117,7 @@ def test_voxel_volume_80x_and_head_first_feet_first():
     moving = ct_like(size=(14, 14, 12), spacing=(2.0, 2.0, 2.5), origin=(-13.0, -13.0, -13.75))
     fixed.SetMetaData("MultimodalPrealign.patient_position", "HFS")
     moving.SetMetaData("0018|5100", "FFS")
-    d = diagnostics.diagnose_pair(fixed, moving, None, "geometry")
+    d = diagnose_with_prealign(fixed, moving, "geometry")
     assert d["ratios"]["voxel_volume_ratio_moving_over_fixed"] == pytest.approx(80.0)
     assert d["suggested_working_spacing_mm"] == 2.0
     assert d["fixed"]["patient_position"] == "HFS" and d["moving"]["patient_position"] == "FFS"
@@ -128,7 +131,7 @@ def test_voxel_volume_80x_and_head_first_feet_first():
 def test_well_aligned_pair_is_ready():
     ct = ct_like()
     mr = mr_like(ct, (-72.0, -72.0, -90.0), (72.0, 72.0, 90.0), (3.0, 3.0, 3.0))
-    d = diagnostics.diagnose_pair(ct, mr, transforms.identity(), "header")
+    d = diagnose.diagnose_pair(ct, mr, transforms.identity(), "header")
     assert d["overlap"]["header"]["fixed_inside_moving"] == pytest.approx(1.0)
     assert d["verdict_code"] == "ready"
     assert not any("covers" in a for a in d["advice"])
@@ -140,7 +143,7 @@ def test_dicom_series_input_reports_patient_position_and_modality(tmp_path):
     fixed = image_io.load_image(folder, "fixed image")
     moving = ct_like(size=(24, 24, 20), spacing=(3.0, 3.0, 3.0), origin=(-36.0, -36.0, -30.0))
     moving.SetMetaData("0018|5100", "HFS")
-    d = diagnostics.diagnose_pair(fixed, moving, transforms.identity(), "header")
+    d = diagnose.diagnose_pair(fixed, moving, transforms.identity(), "header")
     assert d["fixed"]["patient_position"] == "FFS"
     assert d["fixed"]["modality"] == {"guess": "CT", "source": "DICOM Modality tag"}
     assert "12 slices" in d["fixed"]["dicom_volume"]
@@ -154,7 +157,7 @@ def test_cli_handler_runs_without_the_main_parser(tmp_path, capsys):
     sitk.WriteImage(ct, str(tmp_path / "ct.nrrd"))
     sitk.WriteImage(mr, str(tmp_path / "mr.nrrd"))
     parser = argparse.ArgumentParser()
-    diagnostics.add_cli(parser.add_subparsers())
+    cli.add_diagnose_command(parser.add_subparsers())
     args = parser.parse_args(["diagnose", str(tmp_path / "ct.nrrd"), str(tmp_path / "mr.nrrd"), "--json",
                               "--prealign", "moments"])
     assert args.handler(args) == 0
@@ -213,7 +216,7 @@ def test_phantom_pair_best_prealignment_finds_the_flip(phantom_pair):
     """With the default (auto) pre-alignment the advice names the ~180 degree rotation between the headers."""
     ct = image_io.load_image(phantom_pair[0], "fixed image")
     mr = image_io.load_image(phantom_pair[1], "moving image")
-    d = diagnostics.diagnose_pair(ct, mr)
+    d = diagnose_with_prealign(ct, mr)
     pre = d["overlap"]["prealigned"]
     assert pre["method"] != "header"
     assert pre["rotation_deg"] > 150, pre
@@ -228,7 +231,7 @@ def test_totalsegmentator_pair_numbers_and_advice(totalseg_examples):
     mr_path = totalseg_examples / "example_mr_sm.nii.gz"
     ct = image_io.load_image(ct_path, "fixed image")
     mr = image_io.load_image(mr_path, "moving image")
-    d = diagnostics.diagnose_pair(ct, mr, None, "geometry")
+    d = diagnose_with_prealign(ct, mr, "geometry")
     # SOURCE.md: CT 122 x 101 x 112, MR 117 x 91 x 20, both 3 mm.
     assert d["fixed"]["extent_mm_lps"] == pytest.approx([366.0, 303.0, 336.0], abs=1e-3)
     assert d["moving"]["extent_mm_lps"] == pytest.approx([351.0, 273.0, 60.0], abs=1e-3)

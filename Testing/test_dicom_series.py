@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 from dicom_synth import axial_positions, slice_pixels, uid, write_series, write_slice
 
-from MultimodalPrealignLib import dicom_series, image_io
 from MultimodalPrealignLib.errors import InputError
+from MultimodalPrealignLib.io import dicom_series, image_io
 
 ORIGIN = (-31.0, -29.5, -20.25)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import geometry, transforms
+from MultimodalPrealignLib.geometry import image_space, transforms
 
 
 def _image(size=(10, 20, 30), spacing=(1.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0), direction=None):
@@ -21,28 +21,28 @@ def _image(size=(10, 20, 30), spacing=(1.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0), d
 def test_bounding_box_uses_voxel_edges_and_direction():
     flipped = np.diag([-1.0, -1.0, 1.0])  # e.g. a NIfTI-style RAS-stored grid seen in LPS
     image = _image(origin=(100.0, 50.0, -10.0), direction=flipped)
-    box = geometry.bounding_box(image)
+    box = image_space.bounding_box(image)
     # x runs from 100 + 0.5 down to 100 - 9.5; y from 50 + 1 down to 50 - 39; z from -11.5 to 78.5
     assert box.lower == pytest.approx((90.5, 11.0, -11.5))
     assert box.upper == pytest.approx((100.5, 51.0, 78.5))
-    assert geometry.extent_mm(image) == pytest.approx([10, 40, 90])
+    assert image_space.extent_mm(image) == pytest.approx([10, 40, 90])
 
 
 def test_spacing_along_patient_axes_follows_permuted_direction():
     permuted = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float)  # grid k axis points along L
     image = _image(spacing=(0.5, 0.7, 3.0), direction=permuted)
-    assert geometry.spacing_along_patient_axes(image) == pytest.approx([3.0, 0.5, 0.7])
+    assert image_space.spacing_along_patient_axes(image) == pytest.approx([3.0, 0.5, 0.7])
 
 
 def test_overlap_fractions_under_translation():
     fixed = _image(size=(10, 10, 10), spacing=(1, 1, 1))
     moving = _image(size=(10, 10, 10), spacing=(1, 1, 1))
     shift = transforms.translation((5.0, 0.0, 0.0))  # fixed x maps to moving x+5: half overlaps
-    overlap = geometry.overlap_fractions(fixed, moving, shift, per_axis=20)
+    overlap = image_space.overlap_fractions(fixed, moving, shift, per_axis=20)
     assert overlap["fixed"] == pytest.approx(0.5, abs=0.01)
     assert overlap["moving"] == pytest.approx(0.5, abs=0.01)
     far = transforms.translation((50.0, 0.0, 0.0))
-    assert geometry.overlap_fractions(fixed, moving, far)["fixed"] == 0.0
+    assert image_space.overlap_fractions(fixed, moving, far)["fixed"] == 0.0
 
 
 def test_compose_applies_in_the_given_order():
@@ -50,9 +50,9 @@ def test_compose_applies_in_the_given_order():
     shift = transforms.translation((10.0, 0.0, 0.0))
     p = np.array([[2.0, 2.0, 3.0]])
     # rotate about (1,2,3) by 90 deg around z: (2,2,3) -> (1,3,3); then shift -> (11,3,3)
-    assert geometry.transform_points(transforms.compose(rotation, shift), p)[0] == pytest.approx([11, 3, 3])
+    assert transforms.transform_points(transforms.compose(rotation, shift), p)[0] == pytest.approx([11, 3, 3])
     # shift first: (12,2,3) -> rotated -> (1,13,3)
-    assert geometry.transform_points(transforms.compose(shift, rotation), p)[0] == pytest.approx([1, 13, 3])
+    assert transforms.transform_points(transforms.compose(shift, rotation), p)[0] == pytest.approx([1, 13, 3])
 
 
 def test_compose_with_nonlinear_keeps_order():

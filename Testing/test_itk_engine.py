@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import itk_engine
-from MultimodalPrealignLib.engines import itk_preset
+from MultimodalPrealignLib.engines import guards, itk_engine, itk_preset
 
 
 def _noise(seed: int) -> sitk.Image:
@@ -27,9 +26,9 @@ def test_guard_rejects_an_affine_stage_without_a_real_gain():
     # plausible nor an implausible scaling earns its six extra parameters
     fixed, moving = _noise(1), _noise(2)
     preset = itk_preset()
-    plausible = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), _scaling([1.02, 1.0, 0.99]),
+    plausible = guards.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), _scaling([1.02, 1.0, 0.99]),
                                         None, preset)
-    implausible = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity),
+    implausible = guards.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity),
                                           _scaling([1.09, 0.94, 0.87]), None, preset)
     assert plausible["scales_plausible"] and not plausible["accepted"]
     assert plausible["min_gain"] == preset["affine_guard_min_gain"]
@@ -43,7 +42,7 @@ def test_guard_accepts_a_plausible_scale_with_a_real_gain():
     fixed = sitk.SmoothingRecursiveGaussian(_noise(4), 3.0)
     true = _scaling([0.97, 1.0, 1.0])
     moving = sitk.Resample(fixed, fixed, true.GetInverse(), sitk.sitkLinear, 0.0)
-    check = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), true, None, itk_preset())
+    check = guards.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), true, None, itk_preset())
     assert check["scales_plausible"] and check["accepted"]
     assert check["mi_after"] - check["mi_before"] > itk_preset()["affine_guard_min_gain"]
 
@@ -53,7 +52,7 @@ def test_guard_accepts_implausible_scale_with_a_clear_gain():
     fixed = sitk.SmoothingRecursiveGaussian(_noise(3), 3.0)
     true = _scaling([0.9, 1.0, 1.0])
     moving = sitk.Resample(fixed, fixed, true.GetInverse(), sitk.sitkLinear, 0.0)
-    check = itk_engine.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), true, None, itk_preset())
+    check = guards.affine_guard(fixed, moving, sitk.Transform(3, sitk.sitkIdentity), true, None, itk_preset())
     assert not check["scales_plausible"] and check["accepted"]
     assert check["mi_after"] - check["mi_before"] > itk_preset()["affine_guard_min_gain_outside_range"]
 
@@ -69,7 +68,8 @@ def test_lengths_shrink_for_small_objects_only():
 
 
 def test_registration_guard_keeps_a_better_prealignment():
-    from MultimodalPrealignLib import phantoms, transforms
+    from MultimodalPrealignLib.geometry import transforms
+    from MultimodalPrealignLib.synthetic import phantoms
 
     pair = phantoms.make_pair(seed=2, labels=False, rotation_deg=8.0, translation_mm=10.0,
                               fixed_spacing=(3.0, 3.0, 3.0), moving_spacing=(3.0, 3.0, 4.0))
@@ -78,8 +78,8 @@ def test_registration_guard_keeps_a_better_prealignment():
     fixed = sitk.Cast(pair.fixed, sitk.sitkFloat32)
     moving = sitk.Cast(pair.moving, sitk.sitkFloat32)
     # a "registration" that moved a correct pre-alignment 6 mm away is rejected ...
-    rejected = itk_engine.registration_guard(fixed, moving, truth, worse, None)
+    rejected = guards.registration_guard(fixed, moving, truth, worse, None)
     assert not rejected["accepted"] and rejected["mi_registered"] < rejected["mi_prealigned"]
     # ... and one that fixed a 6 mm pre-alignment error is accepted
-    accepted = itk_engine.registration_guard(fixed, moving, worse, truth, None)
+    accepted = guards.registration_guard(fixed, moving, worse, truth, None)
     assert accepted["accepted"] and accepted["mi_registered"] > accepted["mi_prealigned"]

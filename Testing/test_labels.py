@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import labels, phantoms, totalseg
 from MultimodalPrealignLib.errors import InputError
+from MultimodalPrealignLib.io import labels
+from MultimodalPrealignLib.prealign import totalseg
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 @pytest.fixture(scope="module")

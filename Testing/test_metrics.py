@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import landmarks, metrics, phantoms, transforms
 from MultimodalPrealignLib.errors import InputError
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.io import landmarks
+from MultimodalPrealignLib.qa import metrics
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 def _label_image(size, spacing, boxes, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
@@ -57,7 +60,7 @@ def test_extent_probe_matches_voxel_edges_of_an_oblique_image():
     image.SetOrigin((10.0, -5.0, 2.0))
     angle = np.radians(30)
     image.SetDirection([np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1])
-    from MultimodalPrealignLib.geometry import physical_corners
+    from MultimodalPrealignLib.geometry.image_space import physical_corners
 
     probe = metrics._extent_probe(image)
     assert np.allclose(np.sort(physical_corners(probe), 0), np.sort(physical_corners(image), 0), atol=1e-9)

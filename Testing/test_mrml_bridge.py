@@ -14,9 +14,12 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
 vtk = pytest.importorskip("vtk")
 
-from MultimodalPrealignLib import image_io, mrml_bridge, prealign, transforms  # noqa: E402
-from MultimodalPrealignLib.errors import InputError  # noqa: E402
-from MultimodalPrealignLib.geometry import Box  # noqa: E402
+from MultimodalPrealignLib import prealign
+from MultimodalPrealignLib.errors import InputError
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.image_space import Box
+from MultimodalPrealignLib.io import image_io
+from MultimodalPrealignLib.slicer import mrml_bridge
 
 FLIP = np.array([-1.0, -1.0, 1.0])
 

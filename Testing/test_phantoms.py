@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import phantoms, transforms
-from MultimodalPrealignLib.geometry import inside_image, transform_points
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.image_space import inside_image
+from MultimodalPrealignLib.geometry.transforms import transform_points
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 def _centroid(labels: sitk.Image, task: str, name: str) -> np.ndarray | None:

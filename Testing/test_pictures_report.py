@@ -14,7 +14,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from MultimodalPrealignLib import metrics, phantoms, pictures, qa, report_html, transforms
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.qa import measure, metrics, pictures, report_html, reporting, tables
+from MultimodalPrealignLib.synthetic import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,9 +73,9 @@ def report_dir(pair, tmp_path_factory):
     report = {"inputs": {"fixed": {"path": "/data/ct.nrrd"}, "moving": {"path": "/data/mr.nrrd"}},
               "diagnostics": {"findings": ["head-first vs feet-first"], "overlap_percent": 12.0},
               "timings_s": {"prealign": 1.5, "register": 20.0}, "settings": {"engine": "itk"}}
-    report["metrics"] = qa.evaluate(pair.fixed, pair.moving, before, pair.fixed_to_moving, pair.fixed_labels,
+    report["metrics"] = measure.evaluate(pair.fixed, pair.moving, before, pair.fixed_to_moving, pair.fixed_labels,
                                     pair.moving_labels, pairs=pairs, probes=False)
-    result = qa.finish_report(report, out, pair.fixed, pair.moving, before, pair.fixed_to_moving,
+    result = reporting.finish_report(report, out, pair.fixed, pair.moving, before, pair.fixed_to_moving,
                               pair.fixed_labels, pair.moving_labels, pairs)
     (out / "report.json").write_text(json.dumps(report, default=str))
     return out, report, result
@@ -131,13 +133,13 @@ def test_report_html_is_self_contained_and_starts_with_the_verdict(report_dir):
 def test_report_only_rebuilds_html_from_report_json(report_dir, tmp_path):
     out, _, _ = report_dir
     (out / "report.html").unlink()
-    html = qa.rewrite_report_html(out)
+    html = reporting.rewrite_report_html(out)
     assert html.is_file() and html.read_text().count("data:image/png;base64,") == 8
 
 
 def test_fail_report_shows_reasons_first(tmp_path):
     report = {"metrics": {"before": {"nmi": 1.2}, "after": {"nmi": 1.05}, "transform": {"determinant": -1.0}}}
-    qa.finish_report(report, tmp_path, None, None, None, None, write_pictures=False)
+    reporting.finish_report(report, tmp_path, None, None, None, None, write_pictures=False)
     path = report_html.write_report_html(report, {}, tmp_path / "report.html")
     text = path.read_text()
     assert 'data-verdict="FAIL"' in text and "mirrors the image" in text
@@ -174,8 +176,8 @@ def test_metrics_table_fills_a_real_slicer_table_node(report_dir):
     slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
     _, report, _ = report_dir
     table = slicer.vtkMRMLTableNode()
-    qa.fill_table_node(table, report)
-    columns, rows = qa.metrics_table(report)
+    tables.fill_table_node(table, report)
+    columns, rows = tables.metrics_table(report)
     assert table.GetNumberOfColumns() == len(columns) == 4
     assert table.GetNumberOfRows() == len(rows)
     assert table.GetCellText(0, 0) == "Verdict" and table.GetCellText(0, 3) == "PASS"
@@ -188,12 +190,12 @@ def test_metrics_table_fills_a_real_slicer_table_node(report_dir):
 def test_report_only_judges_a_given_broken_transform(pair, tmp_path):
     shifted = transforms.compose(transforms.translation((0.0, 30.0, 0.0)), pair.fixed_to_moving)
     pairs = metrics.structure_pairs(pair.fixed_task, pair.moving_task)
-    report = qa.report_for_transform(pair.fixed, pair.moving, shifted, tmp_path, before=pair.fixed_to_moving,
+    report = reporting.report_for_transform(pair.fixed, pair.moving, shifted, tmp_path, before=pair.fixed_to_moving,
                                      fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels, pairs=pairs)
     assert report["verdict"] == "FAIL"
     stored = json.loads((tmp_path / "report.json").read_text())
     assert stored["verdict"] == "FAIL" and stored["verdict_reasons"] == report["verdict_reasons"]
     assert 'data-verdict="FAIL"' in (tmp_path / "report.html").read_text()
-    quiet = qa.report_for_transform(pair.fixed, pair.moving, pair.fixed_to_moving, tmp_path / "batch",
+    quiet = reporting.report_for_transform(pair.fixed, pair.moving, pair.fixed_to_moving, tmp_path / "batch",
                                     write_pictures=False)
     assert quiet["verdict"] == "PASS" and not (tmp_path / "batch" / "report.html").exists()

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import cli, phantoms, transforms
+from MultimodalPrealignLib import cli
+from MultimodalPrealignLib.geometry import transforms
 from MultimodalPrealignLib.pipeline import PipelineOptions, run_pipeline
+from MultimodalPrealignLib.synthetic import phantoms
 
 SPACING = dict(fixed_spacing=(3.0, 3.0, 3.0), moving_spacing=(3.0, 3.0, 4.0))
 

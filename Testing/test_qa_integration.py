@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import phantoms, transforms
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.synthetic import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 

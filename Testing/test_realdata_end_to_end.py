@@ -8,7 +8,8 @@ import sys
 
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import cli, transforms
+from MultimodalPrealignLib import cli
+from MultimodalPrealignLib.geometry import transforms
 
 REPORT_KEYS = ("tool", "inputs", "settings", "prealign", "crop", "registration", "transform", "metrics",
                "timings_s", "warnings", "outputs", "command")

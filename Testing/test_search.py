@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MultimodalPrealignLib import phantoms, prealign, search, transforms
+from MultimodalPrealignLib import prealign
 from MultimodalPrealignLib.errors import InputError
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.prealign import search
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 def _pair(seed: int, **kwargs) -> phantoms.SyntheticPair:
@@ -173,12 +176,12 @@ def test_small_object_search_scales_its_lengths():
 
 
 def test_object_scale_is_one_for_human_fields_of_view(flipped_pair):
-    from MultimodalPrealignLib import geometry
+    from MultimodalPrealignLib.geometry import image_space
 
-    assert geometry.object_scale(flipped_pair.fixed, flipped_pair.moving, 200.0) == 1.0
+    assert image_space.object_scale(flipped_pair.fixed, flipped_pair.moving, 200.0) == 1.0
     small = _shrunk(flipped_pair.moving, 0.1)
-    assert geometry.object_scale(flipped_pair.fixed, small, 200.0) == pytest.approx(
-        geometry.median_extent_mm(small) / 200.0)
+    assert image_space.object_scale(flipped_pair.fixed, small, 200.0) == pytest.approx(
+        image_space.median_extent_mm(small) / 200.0)
     # explicit options are kept as given
     options = search.scaled_options(search.resolve_options({"fine_spacing_mm": 2.0}), 0.1, {"fine_spacing_mm"})
     assert options["fine_spacing_mm"] == 2.0 and options["coarse_spacing_mm"] == pytest.approx(0.6)

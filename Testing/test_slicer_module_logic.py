@@ -20,7 +20,15 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
 
-from MultimodalPrealignLib import geometry, mrml_bridge, phantoms, slicer_tools, transforms  # noqa: E402
+from MultimodalPrealignLib.geometry import (
+    image_space,
+    transforms,
+)
+from MultimodalPrealignLib.slicer import (
+    mrml_bridge,
+    tools,
+)
+from MultimodalPrealignLib.synthetic import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +102,7 @@ def add_pair(pair):
 
 
 def check_result(pair, result, moving_node, limit_mm=2.5):
-    error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, geometry.grid_points(pair.fixed, 6))
+    error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, image_space.grid_points(pair.fixed, 6))
     assert error < limit_mm, f"mean error {error:.2f} mm"
     assert moving_node.GetParentTransformNode().GetID() == result.outputTransformNode.GetID()
     p = np.asarray(pair.fixed.TransformContinuousIndexToPhysicalPoint([s / 2 for s in pair.fixed.GetSize()]))
@@ -109,12 +117,12 @@ def table_cells(table_node) -> list:
 
 
 def check_quality_outputs(result, report_dir: Path) -> None:
-    """Verdict set, table node = qa.metrics_table, every picture and report.html/json in the run's folder."""
-    from MultimodalPrealignLib import qa
+    """Verdict set, table node = tables.metrics_table, every picture and report.html/json in the run's folder."""
+    from MultimodalPrealignLib.qa import tables
 
     assert result.verdict in ("PASS", "WARN", "FAIL")
     assert result.verdict == result.report["verdict"] and result.verdictReasons
-    columns, rows = qa.metrics_table(result.report)
+    columns, rows = tables.metrics_table(result.report)
     table = result.tableNode
     assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == list(columns)
     assert table_cells(table) == rows
@@ -171,7 +179,7 @@ def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
     brainsfit = FakeBRAINSFitCLI(slicer.mrmlScene)
 
     def services(self, temp_dir):
-        return slicer_tools.SlicerServices(scene=slicer.mrmlScene, crop_logic=FakeCropVolumeLogic(), temp_dir=temp_dir,
+        return tools.SlicerServices(scene=slicer.mrmlScene, crop_logic=FakeCropVolumeLogic(), temp_dir=temp_dir,
                                            run_sync=brainsfit, brainsfit_module="brainsfit-module")
 
     monkeypatch.setattr(module.MultimodalPrealignLogic, "slicerServices", services)
@@ -182,10 +190,10 @@ def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
     assert result.report["registration"]["engine"] == "brainsfit"
     assert brainsfit.parameters[0]["samplingPercentage"] == 0.05
     # writeReport=False: verdict and table node only, no files anywhere.
-    from MultimodalPrealignLib import qa
+    from MultimodalPrealignLib.qa import tables
 
     assert result.verdict in ("PASS", "WARN", "FAIL")
-    assert table_cells(result.tableNode) == qa.metrics_table(result.report)[1]
+    assert table_cells(result.tableNode) == tables.metrics_table(result.report)[1]
     assert (result.reportDirectory, result.reportHtmlPath, result.pictures) == (None, None, {})
     assert not (Path(slicer.app.temporaryPath) / "MultimodalPrealign").exists()
 
@@ -211,7 +219,7 @@ def segmentation_from_labels(labels: sitk.Image, volume_node, task: str, names: 
 
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{task} segmentation")
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    ids = slicer_tools.class_ids_for_task(task)
+    ids = tools.class_ids_for_task(task)
     array = sitk.GetArrayViewFromImage(labels)
     for name in names:
         mask = (array == ids[name]).astype(np.uint8)
@@ -233,7 +241,7 @@ def test_segmentations_become_task_label_maps(module, pair):
     moving_labels = logic._labels(moving_seg, moving, options, "moving")
     assert (options.fixed_labels_task, options.moving_labels_task) == ("total", "total_mr")
     for labels, truth, task in ((fixed_labels, pair.fixed_labels, "total"), (moving_labels, pair.moving_labels, "total_mr")):
-        ids = slicer_tools.class_ids_for_task(task)
+        ids = tools.class_ids_for_task(task)
         got, want = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(truth)
         for name in names:
             np.testing.assert_array_equal(got == ids[name], want == ids[name])
@@ -252,12 +260,12 @@ def test_report_folder_holding_other_files_is_refused_before_anything_is_written
 
 
 def test_panel_diagnostics_text_from_nodes(module, pair):
-    from MultimodalPrealignLib import diagnostics
+    from MultimodalPrealignLib import diagnose
 
     fixed, moving = add_pair(pair)
     logic = module.MultimodalPrealignLogic()
     text = module.diagnosticsText(fixed, moving, logic)
-    expected = diagnostics.format_diagnostics(diagnostics.diagnose_pair(pair.fixed, pair.moving, None, "header"))
+    expected = diagnose.format_diagnostics(diagnose.diagnose_pair(pair.fixed, pair.moving, None, "header"))
     assert text.startswith("Pair diagnostics (physical LPS mm")
     assert text.splitlines()[:12] == expected.splitlines()[:12]  # same table as `multimodal-prealign diagnose`
     assert "68 x 48 x 108" in text and "Advice:" in text
@@ -431,18 +439,19 @@ def panel(module, monkeypatch):
 
 def quick_result(module, pair, tmp_path, fallback_note=False):
     """A MultimodalPrealignResult with real QA outputs (identity 'registration'; no engine run, ~1 s)."""
-    from MultimodalPrealignLib import diagnostics, qa
+    from MultimodalPrealignLib import diagnose
+    from MultimodalPrealignLib.qa import measure
 
     fixed_node, moving_node = add_pair(pair)
-    report = {"metrics": qa.evaluate(pair.fixed, pair.moving, transforms.identity(), pair.fixed_to_moving,
+    report = {"metrics": measure.evaluate(pair.fixed, pair.moving, transforms.identity(), pair.fixed_to_moving,
                                      working_spacing_mm=5.0, probes=False),
-              "diagnostics": diagnostics.diagnose_pair(pair.fixed, pair.moving, pair.fixed_to_moving, "given"),
+              "diagnostics": diagnose.diagnose_pair(pair.fixed, pair.moving, pair.fixed_to_moving, "given"),
               "verdict_reasons": ["NOTE: automatic fallback: attempt 2 was used"] if fallback_note else [],
               "slicer": {"fixed_volume_node": fixed_node.GetID(), "moving_volume_node": moving_node.GetID()}}
-    outputs = slicer_tools.write_quality_check(report, tmp_path / "run", pair.fixed, pair.moving,
+    outputs = tools.write_quality_check(report, tmp_path / "run", pair.fixed, pair.moving,
                                                transforms.identity(), pair.fixed_to_moving)
     table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "quality")
-    slicer_tools.fill_quality_table(table, report)
+    tools.fill_quality_table(table, report)
     result = module.MultimodalPrealignResult(None, report, ["a warning"], pair.fixed_to_moving, tableNode=table,
                                              reportDirectory=outputs["directory"], reportHtmlPath=outputs["html"],
                                              pictures=outputs["pictures"])
@@ -470,7 +479,7 @@ def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pai
     assert all(column in (0, 1) for _, column in cells)
     for button in cells.values():
         size = button.iconSize
-        assert max(size.width(), size.height()) == slicer_tools.THUMBNAIL_PIXELS
+        assert max(size.width(), size.height()) == tools.THUMBNAIL_PIXELS
     fusion_after = next(b for b in cells.values() if b.text == "Fusion: after")
     fusion_after.click()
     assert FakeQDesktopServices.opened[-1] == f"file://{result.pictures['fusion_after']}"

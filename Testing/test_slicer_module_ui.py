@@ -159,14 +159,15 @@ def test_quality_check_section_holds_its_widgets(ui):
 
 
 def test_choices_match_the_core(tree):
-    from MultimodalPrealignLib import prealign, slicer_tools
+    from MultimodalPrealignLib import prealign
+    from MultimodalPrealignLib.slicer import tools
 
     methods = ast.literal_eval(module_constant(tree, "PREALIGN_METHODS"))
     assert set(methods) <= set(prealign.ALL_METHODS)
     assert methods[0] == "auto"
     engines = module_constant(tree, "ENGINES")
     assert "SLICER_ENGINES" in ast.unparse(engines)
-    assert set(slicer_tools.SLICER_ENGINES) == {"brainsfit", "elastix", "core"}
+    assert set(tools.SLICER_ENGINES) == {"brainsfit", "elastix", "core"}
 
 
 def test_module_metadata_and_test_class(tree):

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MultimodalPrealignLib import metrics, phantoms, qa, transforms, verdict
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.pipeline import fallback
+from MultimodalPrealignLib.qa import measure, metrics, verdict
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 def _turn_about_ap(center) -> sitk.Euler3DTransform:
@@ -52,7 +55,7 @@ def slab_pair():
 @pytest.mark.parametrize("kind,expected", [("true", "PASS"), ("shift30", "FAIL"), ("flip", "FAIL"),
                                            ("mirror", "FAIL")])
 def test_images_only_verdict_on_full_field_of_view(full_pair, kind, expected):
-    block = qa.evaluate(full_pair.fixed, full_pair.moving, _prealigned(full_pair), _broken(full_pair, kind))
+    block = measure.evaluate(full_pair.fixed, full_pair.moving, _prealigned(full_pair), _broken(full_pair, kind))
     result, reasons = verdict.judge({"metrics": block})
     assert result == expected, reasons
     if expected == "PASS":
@@ -62,7 +65,7 @@ def test_images_only_verdict_on_full_field_of_view(full_pair, kind, expected):
 @pytest.mark.parametrize("kind,expected", [("true", "PASS"), ("shift30_S", "FAIL"), ("flip", "FAIL")])
 def test_label_verdict_on_a_partial_field_of_view(slab_pair, kind, expected):
     pairs = metrics.structure_pairs(slab_pair.fixed_task, slab_pair.moving_task)
-    block = qa.evaluate(slab_pair.fixed, slab_pair.moving, _prealigned(slab_pair), _broken(slab_pair, kind),
+    block = measure.evaluate(slab_pair.fixed, slab_pair.moving, _prealigned(slab_pair), _broken(slab_pair, kind),
                         slab_pair.fixed_labels, slab_pair.moving_labels, pairs=pairs, probes=False)
     result, reasons = verdict.judge({"metrics": block})
     assert result == expected, reasons
@@ -131,22 +134,22 @@ def test_apply_verdict_stores_top_level_keys_and_exit_codes():
     assert report["verdict"] == "FAIL" and report["verdict_reasons"] and report["qa_checks"]
     assert verdict.exit_code_for("FAIL") == verdict.EXIT_VERDICT_FAIL != 0
     assert verdict.exit_code_for("WARN") == 0 and verdict.exit_code_for("PASS") == 0
-    assert qa.should_fall_back(report)
-    assert not qa.should_fall_back(_metrics())
+    assert fallback.should_fall_back(report)
+    assert not fallback.should_fall_back(_metrics())
 
 
 def test_fallback_plan_and_record():
-    plan = qa.fallback_plan(["anatomy", "search", "moments"], ["itk", "elastix"], max_attempts=4)
+    plan = fallback.fallback_plan(["anatomy", "search", "moments"], ["itk", "elastix"], max_attempts=4)
     assert plan == [("anatomy", "itk"), ("search", "itk"), ("anatomy", "elastix"), ("moments", "itk")]
-    assert qa.fallback_plan(["moments"], ["itk"]) == [("moments", "itk")]
+    assert fallback.fallback_plan(["moments"], ["itk"]) == [("moments", "itk")]
     final = _metrics()
     verdict.apply_verdict(final)
     attempts = [{"prealign": "anatomy", "engine": "itk", "verdict": "FAIL", "verdict_reasons": ["FAIL: x"]},
                 {"prealign": "search", "engine": "itk", "verdict": "PASS", "verdict_reasons": []}]
-    record = qa.record_fallback(final, attempts, chosen=1)
+    record = fallback.record_fallback(final, attempts, chosen=1)
     assert record["used"] and record["chosen"] == 1
     assert any("automatic fallback" in r for r in final["verdict_reasons"])
-    best = max([{"verdict": "FAIL", **_metrics()}, {"verdict": "WARN", **_metrics()}], key=qa.attempt_score)
+    best = max([{"verdict": "FAIL", **_metrics()}, {"verdict": "WARN", **_metrics()}], key=fallback.attempt_score)
     assert best["verdict"] == "WARN"
 
 
@@ -158,7 +161,7 @@ def test_prealign_candidates_become_distinct_fallback_transforms():
                {"stage": "refined", "source": "b", "score": 0.50,
                 "matrix_4x4": (np.eye(4) + np.diag([0, 0, 0, 0]))[:3].tolist()},  # same pose as a
                {"stage": "refined", "source": "c", "score": 0.40, "matrix_4x4": flip[:3].tolist()}]
-    found = qa.prealign_candidate_transforms(records)
+    found = fallback.prealign_candidate_transforms(records)
     assert [label.split()[1] for label, _ in found] == ["a", "c"]
     assert np.allclose(transforms.to_matrix(found[1][1]), flip)
 
@@ -171,8 +174,8 @@ def test_run_with_fallback_stops_at_the_first_attempt_that_does_not_fail():
         nmi = {"anatomy": 1.10, "search": 1.26, "moments": 1.30}[choice]  # anatomy made things worse
         return _metrics(after={"nmi": nmi, "overlap_fraction_fixed": 0.9, "overlap_fraction_moving": 1.0}), choice
 
-    plan = qa.fallback_plan(["anatomy", "search", "moments"], ["itk", "elastix"])
-    report, payload, index = qa.run_with_fallback(attempt, plan)
+    plan = fallback.fallback_plan(["anatomy", "search", "moments"], ["itk", "elastix"])
+    report, payload, index = fallback.run_with_fallback(attempt, plan)
     assert calls == [("anatomy", "itk"), ("search", "itk")] and payload == "search" and index == 1
     assert report["verdict"] == "PASS" and report["fallback"]["used"]
     assert report["fallback"]["attempts"][0]["verdict"] == "FAIL"
@@ -181,7 +184,7 @@ def test_run_with_fallback_stops_at_the_first_attempt_that_does_not_fail():
         return _metrics(after={"nmi": 1.0 + 0.01 * len(engine), "overlap_fraction_fixed": 0.1,
                                "overlap_fraction_moving": 0.1}), (choice, engine)
 
-    report, payload, index = qa.run_with_fallback(always_fails, plan)
+    report, payload, index = fallback.run_with_fallback(always_fails, plan)
     assert report["verdict"] == "FAIL" and len(report["fallback"]["attempts"]) == len(plan)
     assert payload[1] == "elastix"  # best NMI among the failures (longer engine name -> higher NMI here)
 
@@ -199,7 +202,7 @@ def test_folding_deformation_fails_and_smooth_one_passes(full_pair):
     for amplitude, expected in ((0.5, "PASS"), (80.0, "FAIL")):
         deform = _folding_bspline(full_pair.fixed, amplitude)
         after = transforms.compose(deform, full_pair.fixed_to_moving)  # deform in fixed space, then the truth
-        block = qa.evaluate(full_pair.fixed, full_pair.moving, _prealigned(full_pair), after, probes=False)
+        block = measure.evaluate(full_pair.fixed, full_pair.moving, _prealigned(full_pair), after, probes=False)
         result, reasons = verdict.judge({"metrics": block})
         assert "jacobian" in block
         if expected == "PASS":
@@ -213,9 +216,9 @@ def test_folding_deformation_fails_and_smooth_one_passes(full_pair):
 
 def test_anisotropic_scaling_warns_even_when_the_volume_is_kept():
     matrix = np.diag([1.1, 1.0, 1.0 / 1.1, 1.0])  # determinant 1, but 10% stretch along x
-    check = qa.transform_check(transforms.affine_from_matrix(matrix))
+    check = measure.transform_check(transforms.affine_from_matrix(matrix))
     assert check["determinant"] == pytest.approx(1.0) and max(check["principal_scales"]) == pytest.approx(1.1)
     result, reasons = verdict.judge(_metrics(transform=check))
     assert result == "WARN" and "stretches the image by 10%" in reasons[0]
-    rigid = qa.transform_check(transforms.rigid_from_matrix(np.eye(4)))
+    rigid = measure.transform_check(transforms.rigid_from_matrix(np.eye(4)))
     assert verdict.judge(_metrics(transform=rigid))[0] == "PASS"

@@ -25,8 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MultimodalPrealign"))
 
-from MultimodalPrealignLib import anatomy, phantoms, transforms  # noqa: E402
-from MultimodalPrealignLib.prealign import PrealignInputs  # noqa: E402
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.prealign import (
+    PrealignInputs,
+    anatomy,
+)
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 def case_parameters(index: int, base_seed: int) -> dict:

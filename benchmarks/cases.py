@@ -35,8 +35,9 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MultimodalPrealign"))
 
-from MultimodalPrealignLib import phantoms, transforms  # noqa: E402
-from MultimodalPrealignLib.masks import foreground_mask, mask_centroid_and_axes  # noqa: E402
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.masks import foreground_mask, mask_centroid_and_axes
+from MultimodalPrealignLib.synthetic import phantoms
 
 DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
@@ -173,7 +174,7 @@ def _phantom_base() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     points = phantoms.body_points(ct_mask, n=3000, seed=0)
     # keep points the MR shows under the reference (the region both images image)
     moved = points @ reference[:3, :3].T + reference[:3, 3]
-    from MultimodalPrealignLib.geometry import inside_image
+    from MultimodalPrealignLib.geometry.image_space import inside_image
 
     points = points[inside_image(mr, moved)]
     centroid = mask_centroid_and_axes(foreground_mask(mr))[0]
@@ -211,7 +212,7 @@ def phantom_case(index: int, seed: int = 0) -> Case:
         moving = moving[:, :, start:start + keep]
         crop = {"first_slice": start, "slices": keep}
     truth = p @ reference
-    from MultimodalPrealignLib.geometry import inside_image
+    from MultimodalPrealignLib.geometry.image_space import inside_image
 
     moved = points @ truth[:3, :3].T + truth[:3, 3]
     case_points = points[inside_image(moving, moved)]
@@ -253,7 +254,7 @@ def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
     points_world = np.random.default_rng(index).uniform(body.lower, body.upper, size=(20000, 3))
     points_world = points_world[phantoms.inside_body(points_world)]
     points = points_world / MICROCT_SCALE
-    from MultimodalPrealignLib.geometry import inside_image
+    from MultimodalPrealignLib.geometry.image_space import inside_image
 
     keep = inside_image(fixed, points) & inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])
     np.save(folder / "points.npy", points[keep][:2000])

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MultimodalPrealign"))
 sys.path.insert(0, str(ROOT / "Testing"))
 
-from dicom_synth import axial_positions, write_series  # noqa: E402
+from dicom_synth import axial_positions, write_series
 
-from MultimodalPrealignLib import dicom_series  # noqa: E402
+from MultimodalPrealignLib.io import dicom_series
 
 
 def best_of(repeat: int, function) -> float:

@@ -78,7 +78,8 @@ def _cpu_seconds() -> float:
 def _run_ours(method: str, case: dict, seed: int, extra: dict):
     import SimpleITK as sitk
 
-    from MultimodalPrealignLib import pipeline, transforms
+    from MultimodalPrealignLib import pipeline
+    from MultimodalPrealignLib.geometry import transforms
 
     if method == "ours-files":
         options = pipeline.PipelineOptions(seed=seed, **extra.get("options", {}))
@@ -125,7 +126,9 @@ def _run_peer(method: str, case: dict, seed: int, extra: dict):
     info_extra = {}
     if method.endswith("-from-prealign"):
         # The same pre-alignment our pipeline starts from (search), computed before the clock starts.
-        from MultimodalPrealignLib import image_io, prealign, transforms
+        from MultimodalPrealignLib import prealign
+        from MultimodalPrealignLib.geometry import transforms
+        from MultimodalPrealignLib.io import image_io
 
         t = time.perf_counter()
         pre = prealign.run_prealign(extra.get("prealign", "auto"), prealign.PrealignInputs(

@@ -34,13 +34,13 @@ PEERS = ("elastix-default", "brainsfit-default", "forum-recipe", "ants", "greedy
 
 
 def _matrix(transform: sitk.Transform) -> np.ndarray:
-    from MultimodalPrealignLib import transforms
+    from MultimodalPrealignLib.geometry import transforms
 
     return transforms.to_matrix(transform)
 
 
 def _affine(matrix: np.ndarray) -> sitk.Transform:
-    from MultimodalPrealignLib import transforms
+    from MultimodalPrealignLib.geometry import transforms
 
     return transforms.affine_from_matrix(np.asarray(matrix, float))
 
@@ -56,14 +56,14 @@ def geometry_center_initial(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray
 def run_elastix_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, initial: np.ndarray | None = None):
     import itk
 
-    from MultimodalPrealignLib import transforms
-    from MultimodalPrealignLib.elastix_engine import (
+    from MultimodalPrealignLib.engines.elastix_engine import (
         _itk_affine,
         _to_itk,
         elastix_map_to_sitk,
         parse_parameter_text,
         translate_elastix_log,
     )
+    from MultimodalPrealignLib.geometry import transforms
 
     params = parse_parameter_text(ELASTIX_PRESET.read_text())
     params["RandomSeed"] = [str(121212 + seed)]
@@ -98,10 +98,10 @@ def run_elastix_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, in
 def _brainsfit_rigid(fixed: sitk.Image, moving: sitk.Image, initial: np.ndarray, sampling: float, iterations: int,
                      seed: int) -> tuple[np.ndarray, dict]:
     """BRAINSFit's rigid phase in SimpleITK: VersorRigid3D on top of ``initial`` (fixed->moving 4x4)."""
-    from MultimodalPrealignLib import geometry, transforms
+    from MultimodalPrealignLib.geometry import image_space, transforms
 
     rigid = sitk.VersorRigid3DTransform()
-    rigid.SetCenter(geometry.image_center(fixed).tolist())
+    rigid.SetCenter(image_space.image_center(fixed).tolist())
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(50)
     method.SetMetricSamplingStrategy(method.RANDOM if sampling < 1.0 else method.NONE)
@@ -126,28 +126,28 @@ def run_brainsfit_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, 
 
 
 def _crop_volume(image: sitk.Image, box, spacing_mm: float) -> sitk.Image:
-    from MultimodalPrealignLib.resample import resample_box
+    from MultimodalPrealignLib.geometry.resample import resample_box
 
     return resample_box(image, box, [spacing_mm] * 3, float(np.percentile(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4], 1)))
 
 
 def run_forum_recipe(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, initial: np.ndarray | None = None,
                      spacing_mm: float = 2.0):
-    from MultimodalPrealignLib import geometry
+    from MultimodalPrealignLib.geometry import image_space
 
     start = geometry_center_initial(fixed, moving) if initial is None else initial
     # Crop the fixed image to where the (centre-aligned) moving image lies, 10 mm margin.
-    corners = geometry.physical_corners(moving)
+    corners = image_space.physical_corners(moving)
     inverse = np.linalg.inv(start)
     in_fixed = corners @ inverse[:3, :3].T + inverse[:3, 3]
-    box = geometry.Box(tuple((in_fixed.min(0) - 10).tolist()), tuple((in_fixed.max(0) + 10).tolist()))
-    fixed_box = geometry.bounding_box(fixed)
+    box = image_space.Box(tuple((in_fixed.min(0) - 10).tolist()), tuple((in_fixed.max(0) + 10).tolist()))
+    fixed_box = image_space.bounding_box(fixed)
     lower = np.maximum(box.lower, fixed_box.lower)
     upper = np.minimum(box.upper, fixed_box.upper)
     if np.any(upper <= lower):
         raise RuntimeError("crop box outside the fixed image")
-    fixed_crop = _crop_volume(fixed, geometry.Box(tuple(lower.tolist()), tuple(upper.tolist())), spacing_mm)
-    moving_crop = _crop_volume(moving, geometry.bounding_box(moving), spacing_mm)
+    fixed_crop = _crop_volume(fixed, image_space.Box(tuple(lower.tolist()), tuple(upper.tolist())), spacing_mm)
+    moving_crop = _crop_volume(moving, image_space.bounding_box(moving), spacing_mm)
     matrix, info = _brainsfit_rigid(fixed_crop, moving_crop, start, 1.0, 15000, seed)
     info["cropped_fixed_size"] = list(fixed_crop.GetSize())
     return matrix, info

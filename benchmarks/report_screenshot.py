@@ -98,7 +98,9 @@ def screenshot(html_path: Path, png_path: Path, chromium: str, size=(1300, 5200)
 
 def build_synthetic_report(out_dir: Path) -> Path:
     """A report for the synthetic torso phantom: true transform as 'after', the truth 15 mm off as 'before'."""
-    from MultimodalPrealignLib import metrics, phantoms, qa, transforms
+    from MultimodalPrealignLib.geometry import transforms
+    from MultimodalPrealignLib.qa import measure, metrics, reporting
+    from MultimodalPrealignLib.synthetic import phantoms
 
     pair = phantoms.make_pair(seed=2, rotation_deg=25, translation_mm=30, moving_fov="slab",
                               fixed_spacing=(3.0, 3.0, 3.0), moving_spacing=(2.5, 2.5, 4.0))
@@ -107,10 +109,10 @@ def build_synthetic_report(out_dir: Path) -> Path:
     report = {"inputs": {"fixed": {"path": "synthetic_ct (phantoms.make_pair seed 2)"},
                          "moving": {"path": "synthetic_mr slab"}},
               "note": "benchmark: synthetic pair, 'after' is the TRUE transform, 'before' the truth 15 mm off"}
-    report["metrics"] = qa.evaluate(pair.fixed, pair.moving, before, pair.fixed_to_moving, pair.fixed_labels,
+    report["metrics"] = measure.evaluate(pair.fixed, pair.moving, before, pair.fixed_to_moving, pair.fixed_labels,
                                     pair.moving_labels, pairs=pairs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    qa.finish_report(report, out_dir, pair.fixed, pair.moving, before, pair.fixed_to_moving, pair.fixed_labels,
+    reporting.finish_report(report, out_dir, pair.fixed, pair.moving, before, pair.fixed_to_moving, pair.fixed_labels,
                      pair.moving_labels, pairs)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return out_dir / "report.html"
@@ -120,7 +122,7 @@ def build_phantom_report(out_dir: Path, data: Path) -> Path:
     """Run the CLI on the MRI-DIR phantom pair (CT fixed, T2 MR moving) and return its report.html.
 
     Uses the pipeline's own outputs when it already writes report.html; otherwise builds the QA report from
-    its transform.h5 with qa.evaluate / qa.finish_report.
+    its transform.h5 with measure.evaluate / reporting.finish_report.
     """
     ct, mr = data / "mridir-phantom" / "ct.nrrd", data / "mridir-phantom" / "mr_t2.nrrd"
     if out_dir.exists():
@@ -139,7 +141,9 @@ def build_phantom_report(out_dir: Path, data: Path) -> Path:
 
 def qa_report_from_run(out_dir: Path, fixed_path: Path, moving_path: Path) -> Path:
     """Add the QA block, pictures and report.html to a pipeline output folder (transform.h5 + report.json)."""
-    from MultimodalPrealignLib import image_io, qa, transforms
+    from MultimodalPrealignLib.geometry import transforms
+    from MultimodalPrealignLib.io import image_io
+    from MultimodalPrealignLib.qa import measure, reporting
 
     report = json.loads((out_dir / "report.json").read_text())
     fixed = image_io.load_image(fixed_path, "fixed image")
@@ -147,16 +151,16 @@ def qa_report_from_run(out_dir: Path, fixed_path: Path, moving_path: Path) -> Pa
     after = transforms.read_transform(out_dir / "transform.h5")
     before = _prealign_transform(report) or after
     started = time.perf_counter()
-    metrics_block = qa.evaluate(fixed, moving, before, after)
+    metrics_block = measure.evaluate(fixed, moving, before, after)
     report["metrics"] = {**report.get("metrics", {}), **metrics_block}
-    qa.finish_report(report, out_dir, fixed, moving, before, after)
+    reporting.finish_report(report, out_dir, fixed, moving, before, after)
     print(f"QA (metrics, pictures, html) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return out_dir / "report.html"
 
 
 def _prealign_transform(report: dict):
-    from MultimodalPrealignLib import transforms
+    from MultimodalPrealignLib.geometry import transforms
 
     matrix = (((report.get("prealign") or {}).get("transform")) or {}).get("matrix_4x4")
     return transforms.affine_from_matrix(np.asarray(matrix)) if matrix else None

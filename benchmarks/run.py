@@ -28,8 +28,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import cases  # noqa: E402
-import memory  # noqa: E402
+import cases
+import memory
 
 RESULTS = HERE / "results"
 DEFAULT_PEER_PYTHON = "/work/bench-venv/bin/python"

@@ -45,13 +45,16 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MultimodalPrealign"))
 
-from MultimodalPrealignLib import phantoms, prealign, search, transforms  # noqa: E402
-from MultimodalPrealignLib.masks import foreground_mask, mask_centroid_and_axes  # noqa: E402
+from MultimodalPrealignLib import prealign
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.masks import foreground_mask, mask_centroid_and_axes
+from MultimodalPrealignLib.prealign import search
+from MultimodalPrealignLib.synthetic import phantoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (the peer runners shared with benchmarks/run.py)
 from cases import _unit as random_unit  # noqa: E402  (shared with benchmarks/run.py's case generator)
-from cases import with_header_moved  # noqa: E402
+from cases import with_header_moved
 
 DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
@@ -132,7 +135,7 @@ def overlap_points(points: np.ndarray, moving: sitk.Image, truth: np.ndarray) ->
     Errors are scored there, as in benchmarks/cases.py: outside the moving field of view the images say
     nothing about the alignment, and a rigid fit to a slab is an extrapolation there.
     """
-    from MultimodalPrealignLib.geometry import inside_image
+    from MultimodalPrealignLib.geometry.image_space import inside_image
 
     return points[inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])]
 

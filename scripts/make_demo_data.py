@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MultimodalPrealign"))
 
 from MultimodalPrealignLib.crop import background_value  # noqa: E402
-from MultimodalPrealignLib.resample import resample_to_spacing  # noqa: E402
+from MultimodalPrealignLib.geometry.resample import resample_to_spacing  # noqa: E402
 
 TARGETS = {"ct.nrrd": ("ct_demo.nrrd", (2.0, 2.0, 2.0)), "mr_t2.nrrd": ("mr_demo.nrrd", (2.0, 2.0, 2.5))}
 

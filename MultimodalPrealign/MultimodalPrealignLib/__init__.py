@@ -5,4 +5,6 @@ FIXED image's physical space to the MOVING image's physical space (ITK's resampl
 in LPS millimetres, unless a name or docstring says otherwise.
 """
 
+
+
 __version__ = "0.1.0"

@@ -2,23 +2,22 @@
 
 Exit codes: 0 success (verdict PASS or WARN), 2 bad input, 3 a stage failed, 4 the verdict is FAIL.
 
-Stage modules add their own subcommands: each module named in COMMAND_MODULES may define
-``add_cli(subparsers)`` that adds a parser with ``set_defaults(handler=fn)``; ``fn(args) -> int``.
+Each subcommand is a parser with ``set_defaults(handler=fn)``; ``fn(args) -> int``. ``inspect-dicom`` comes
+from :func:`io.dicom_series.add_cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, engines, prealign
+from . import __version__, diagnose, engines, prealign
 from .errors import EXIT_BAD_INPUT, InputError, PrealignError
+from .io import dicom_series, image_io
 from .progress import Progress, text_progress
-
-COMMAND_MODULES = ("diagnostics", "dicom_series", "totalseg")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -119,7 +118,7 @@ def _summary(result, out_dir: Path) -> str:
 
 def run_register(args: argparse.Namespace) -> int:
     from .pipeline import register_files
-    from .verdict import exit_code_for
+    from .qa.verdict import exit_code_for
 
     if args.report_only:
         return run_report_only(args)
@@ -145,7 +144,8 @@ def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
     fixed_labels, moving_labels = args.fixed_labels, args.moving_labels
     if not args.segment:
         return fixed_labels, moving_labels
-    from . import image_io, labels, totalseg
+    from .io import image_io, labels
+    from .prealign import totalseg
 
     for which in ("fixed", "moving"):
         if args.segment not in (which, "both") or getattr(args, f"{which}_labels") is not None:
@@ -166,8 +166,11 @@ def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
 
 def run_report_only(args: argparse.Namespace) -> int:
     """--report-only: judge a given transform (no registration); writes report.json, pictures, report.html."""
-    from . import image_io, pipeline, qa, transforms
-    from .verdict import exit_code_for
+    from . import pipeline
+    from .geometry import transforms
+    from .io import image_io
+    from .qa import reporting
+    from .qa.verdict import exit_code_for
 
     if args.transform is None:
         raise InputError("--report-only needs the transform to judge", "add --transform DIR/transform.h5")
@@ -189,15 +192,15 @@ def run_report_only(args: argparse.Namespace) -> int:
                                                         args.fixed_labels_task)
         moving_labels, moving_task = pipeline.load_labels(args.moving_labels, moving, "moving label map",
                                                           "moving image", args.moving_labels_task)
-        from .metrics import structure_pairs
+        from .qa.metrics import structure_pairs
 
         pairs = structure_pairs(args.fixed_labels_task or fixed_task, args.moving_labels_task or moving_task)
     landmark_pairs = None
     if args.landmarks is not None:
-        from .landmarks import load_landmark_pairs
+        from .io.landmarks import load_landmark_pairs
 
         landmark_pairs = load_landmark_pairs(args.landmarks, args.moving_landmarks)
-    report = qa.report_for_transform(fixed, moving, transform, out_dir, fixed_labels=fixed_labels,
+    report = reporting.report_for_transform(fixed, moving, transform, out_dir, fixed_labels=fixed_labels,
                                      moving_labels=moving_labels, pairs=pairs, landmarks=landmark_pairs,
                                      write_pictures=not args.no_report,
                                      extra={"command": ["multimodal-prealign", *sys.argv[1:]],
@@ -230,9 +233,37 @@ def run_demo(args: argparse.Namespace) -> int:
     print(_summary(result, Path(args.out)))
     print(f"demo finished: open {Path(args.out).resolve()} (report.html shows the result; load transform.h5 in "
           "3D Slicer and apply it to the MR)")
-    from .verdict import exit_code_for
+    from .qa.verdict import exit_code_for
 
     return exit_code_for(result.report.get("verdict"))
+
+
+def run_diagnose(args) -> int:
+    """``diagnose``: the pair's diagnostics, with the overlap under ``--prealign``."""
+    from .pipeline.diagnosis import diagnose_with_prealign
+
+    fixed = image_io.load_image(args.fixed, "fixed image")
+    moving = image_io.load_image(args.moving, "moving image")
+    result = diagnose_with_prealign(fixed, moving, args.prealign, args.seed)
+    print(json.dumps(result, indent=2) if args.json else diagnose.format_diagnostics(result))
+    return 0
+
+
+def add_diagnose_command(subparsers) -> None:
+    """``diagnose FIXED MOVING [--json] [--prealign METHOD] [--seed S]``."""
+    p = subparsers.add_parser(
+        "diagnose", help="explain why registration may fail on a pair, with advice",
+        description="Measure both images (extents along the patient axes, spacing, orientation, patient position, "
+                    "intensities, modality guess, foreground), their overlap under the header alignment and under "
+                    "the best available pre-alignment, the moving/fixed ratios, and give advice and a verdict.")
+    p.add_argument("fixed", metavar="FIXED", help="fixed image: .nrrd, .nii(.gz), .mha/.mhd or a DICOM series folder")
+    p.add_argument("moving", metavar="MOVING", help="moving image (same formats)")
+    p.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
+    p.add_argument("--prealign", default="auto", choices=[m for m in prealign.ALL_METHODS if m != "anatomy"],
+                   help="pre-alignment whose overlap is reported next to the header's (default auto; "
+                        "header/none: report the header alignment only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the pre-alignment (default 0)")
+    p.set_defaults(handler=run_diagnose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,13 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_registration_arguments(demo)
     demo.set_defaults(handler=run_demo)
 
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ImportError:
-            continue
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    add_diagnose_command(sub)
+    dicom_series.add_cli(sub)
     return parser
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, transforms
 from .errors import InputError
-from .geometry import Box
-from .masks import padding_value
-from .resample import resample_box
+from .geometry import image_space, transforms
+from .geometry.image_space import Box
+from .geometry.masks import padding_value
+from .geometry.resample import resample_box
 
 #: Working grids are capped at this many voxels (fixed crop) unless the caller says otherwise.
 DEFAULT_MAX_WORKING_VOXELS = 1_500_000
@@ -55,8 +55,8 @@ def choose_working_spacing(fixed: sitk.Image, moving: sitk.Image, crop_volume_mm
         base = max(float(np.prod(fixed.GetSpacing())) ** (1 / 3), float(np.prod(moving.GetSpacing())) ** (1 / 3))
         spacing = np.full(3, base * spacing_scale)
     else:
-        along = np.maximum(geometry.spacing_along_patient_axes(fixed), geometry.spacing_along_patient_axes(moving))
-        d = np.abs(geometry.direction_matrix(fixed))  # fixed grid axis j -> patient axis argmax(d[:, j])
+        along = np.maximum(image_space.spacing_along_patient_axes(fixed), image_space.spacing_along_patient_axes(moving))
+        d = np.abs(image_space.direction_matrix(fixed))  # fixed grid axis j -> patient axis argmax(d[:, j])
         spacing = np.array([along[int(np.argmax(d[:, j]))] for j in range(3)]) * spacing_scale
     voxels = crop_volume_mm3 / float(np.prod(spacing))
     if voxels > max_voxels:
@@ -73,15 +73,15 @@ def plan_crop(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Trans
     """
     if margin_mm < 0:
         raise InputError(f"Crop margin must be >= 0 mm, got {margin_mm}", "use e.g. --crop-margin 20")
-    fixed_box_full = geometry.bounding_box(fixed)
-    moving_box_full = geometry.bounding_box(moving)
+    fixed_box_full = image_space.bounding_box(fixed)
+    moving_box_full = image_space.bounding_box(moving)
     inverse = transforms.inverse_or_none(fixed_to_moving)
     if inverse is None:
         raise InputError("The pre-alignment transform is not invertible (not linear)",
                          "use a linear pre-alignment (rigid/affine)")
-    moving_in_fixed = _box_of_points(geometry.transform_points(inverse, geometry.physical_corners(moving)))
+    moving_in_fixed = _box_of_points(transforms.transform_points(inverse, image_space.physical_corners(moving)))
     overlap_in_fixed = fixed_box_full.intersect(moving_in_fixed)
-    overlap = geometry.overlap_fractions(fixed, moving, fixed_to_moving)
+    overlap = image_space.overlap_fractions(fixed, moving, fixed_to_moving)
     smaller_share = max(overlap["fixed"], overlap["moving"])
     if overlap_in_fixed.volume <= 0 or smaller_share < MIN_OVERLAP_FRACTION:
         how = f"after '{prealign_method}' pre-alignment" if prealign_method else "under the initial transform"
@@ -93,7 +93,7 @@ def plan_crop(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Trans
     fixed_crop_corners = np.array([[x, y, z] for x in (fixed_box.lower[0], fixed_box.upper[0])
                                    for y in (fixed_box.lower[1], fixed_box.upper[1])
                                    for z in (fixed_box.lower[2], fixed_box.upper[2])])
-    fixed_in_moving = _box_of_points(geometry.transform_points(fixed_to_moving, fixed_crop_corners))
+    fixed_in_moving = _box_of_points(transforms.transform_points(fixed_to_moving, fixed_crop_corners))
     moving_box = fixed_in_moving.expanded(margin_mm).intersect(moving_box_full)
     spacing = choose_working_spacing(fixed, moving, fixed_box.volume, spacing_scale, isotropic, max_voxels)
     details = {

@@ -35,9 +35,9 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "MultimodalPrealign"))
 
-from MultimodalPrealignLib import transforms  # noqa: E402
-from MultimodalPrealignLib.masks import foreground_mask, mask_centroid_and_axes  # noqa: E402
-from MultimodalPrealignLib.resample import resample_to_spacing  # noqa: E402
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.masks import foreground_mask, mask_centroid_and_axes
+from MultimodalPrealignLib.geometry.resample import resample_to_spacing
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
@@ -136,7 +136,7 @@ def elastix_refine(mr_work, ct_work, mask, start: np.ndarray) -> np.ndarray:
     fixed image (masked). Returns CT -> MR 4x4."""
     import itk
 
-    from MultimodalPrealignLib.elastix_engine import _itk_affine, _to_itk, elastix_map_to_sitk
+    from MultimodalPrealignLib.engines.elastix_engine import _itk_affine, _to_itk, elastix_map_to_sitk
 
     params = {
         "Registration": ["MultiResolutionRegistration"], "Metric": ["AdvancedMattesMutualInformation"],

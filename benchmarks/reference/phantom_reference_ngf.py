@@ -24,12 +24,13 @@ from scipy import ndimage, optimize
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-import search_benchmark as sb  # noqa: E402
-from make_phantom_reference import ct_elastix_input, mr_elastix_inputs  # noqa: E402
-from phantom_slab_optimum import along_axis_shift, slab_metric  # noqa: E402
+import search_benchmark as sb
+from make_phantom_reference import ct_elastix_input, mr_elastix_inputs
+from phantom_slab_optimum import along_axis_shift, slab_metric
 
-from MultimodalPrealignLib import search, transforms  # noqa: E402
-from MultimodalPrealignLib.masks import foreground_mask  # noqa: E402
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.masks import foreground_mask
+from MultimodalPrealignLib.prealign import search
 
 SIGMA_MM = 1.5
 

@@ -31,10 +31,11 @@ import SimpleITK as sitk
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-import search_benchmark as sb  # noqa: E402
-from cases import with_header_moved  # noqa: E402
+import search_benchmark as sb
+from cases import with_header_moved
 
-from MultimodalPrealignLib import phantoms, transforms  # noqa: E402
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.synthetic import phantoms
 
 
 def scale_fit(ct: sitk.Image, mr: sitk.Image, reference: np.ndarray, points: np.ndarray) -> dict:
@@ -93,7 +94,8 @@ def dense_mi_pair(ct_small: sitk.Image, mr: sitk.Image, matrices, object_mask: n
 def picture(case_index: int, out: Path) -> float:
     from PIL import Image
 
-    from MultimodalPrealignLib import prealign, search
+    from MultimodalPrealignLib import prealign
+    from MultimodalPrealignLib.prealign import search
 
     for _case, fixed, moving, truth, points, _ in sb.phantom_cases(case_index + 1, 0, skip=case_index):
         estimate = transforms.to_matrix(search.prealign(prealign.PrealignInputs(fixed=fixed, moving=moving,

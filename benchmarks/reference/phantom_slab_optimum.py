@@ -35,11 +35,16 @@ import SimpleITK as sitk
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-import search_benchmark as sb  # noqa: E402
-from make_phantom_reference import ct_elastix_input, elastix_refine, mr_elastix_inputs  # noqa: E402
+import search_benchmark as sb
+from make_phantom_reference import ct_elastix_input, elastix_refine, mr_elastix_inputs
 
-from MultimodalPrealignLib import pipeline, prealign, search, transforms  # noqa: E402
-from MultimodalPrealignLib.masks import foreground_mask  # noqa: E402
+from MultimodalPrealignLib import (
+    pipeline,
+    prealign,
+)
+from MultimodalPrealignLib.geometry import transforms
+from MultimodalPrealignLib.geometry.masks import foreground_mask
+from MultimodalPrealignLib.prealign import search
 
 AGREE_MM = 0.1
 

@@ -52,8 +52,9 @@ def run(args):
         print("ERROR: the Multimodal Prealign module is not loaded. Fix: install the extension, or start Slicer "
               "with --additional-module-paths <repo>/MultimodalPrealign.", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from MultimodalPrealignLib import pipeline, transforms
+    from MultimodalPrealignLib import pipeline
     from MultimodalPrealignLib.errors import EXIT_VERDICT_FAIL, InputError, PrealignError
+    from MultimodalPrealignLib.geometry import transforms
 
     out = os.path.abspath(args.out)
     try:

@@ -1,0 +1,30 @@
+"""Stage 5: registration engines sharing one settings object.
+
+``itk``: SimpleITK's ImageRegistrationMethod set up the way BRAINSFit sets up ITK (Mattes MI with 50
+bins, sampling percentage, iteration count, rigid -> affine). ``elastix``: itk-elastix, the elastix that
+SlicerElastix runs. Both take working images (cropped, resampled) plus the pre-alignment and return
+ONE fixed->moving transform (physical LPS) that already includes the pre-alignment.
+"""
+
+from __future__ import annotations
+
+import SimpleITK as sitk
+
+from ..progress import SILENT, Progress
+from .settings import ENGINES, STAGES, EngineResult, RegistrationSettings, itk_preset
+
+__all__ = ["ENGINES", "STAGES", "EngineResult", "RegistrationSettings", "itk_preset", "register"]
+
+
+def register(fixed_work: sitk.Image, moving_work: sitk.Image, initial_fixed_to_moving: sitk.Transform,
+             settings: RegistrationSettings, progress: Progress = SILENT,
+             fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None) -> EngineResult:
+    """Run the chosen engine's stages in order, each starting from the previous result."""
+    settings.validate()
+    if settings.engine == "itk":
+        from .itk_engine import register_itk
+
+        return register_itk(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask, moving_mask)
+    from .elastix_engine import register_elastix
+
+    return register_elastix(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask, moving_mask)

@@ -1,0 +1,74 @@
+"""Settings both engines understand, their result record, and the itk preset (resources/presets/itk.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..resource_files import load_resource_text
+
+ENGINES = ("itk", "elastix")
+STAGES = ("rigid", "affine", "bspline")
+
+
+def itk_preset() -> dict:
+    return {k: v for k, v in json.loads(load_resource_text("presets", "itk.json")).items() if not k.startswith("_")}
+
+
+@dataclass
+class RegistrationSettings:
+    """Settings both engines understand. ``None`` means the engine's own default (recorded in the report).
+
+    sampling_percentage: share of working-grid voxels sampled by the metric (BRAINSFit's
+    ``samplingPercentage``; elastix ``NumberOfSpatialSamples`` = share x voxels).
+    iterations: per stage and level (BRAINSFit ``numberOfIterations``; elastix ``MaximumNumberOfIterations``).
+    """
+
+    engine: str = "itk"
+    stages: tuple = ("rigid", "affine")
+    sampling_percentage: float | None = None
+    iterations: int | None = None
+    seed: int = 0
+    histogram_bins: int = 50
+    #: itk engine: run ITK single-threaded so the same seed gives a bit-identical transform.
+    deterministic: bool = True
+
+    def validate(self) -> RegistrationSettings:
+        if self.engine not in ENGINES:
+            raise InputError(f"Unknown engine '{self.engine}'", "use --engine itk or --engine elastix")
+        stages = tuple(self.stages)
+        if not stages:
+            raise InputError("No registration stage given", "use e.g. --stages rigid,affine")
+        for stage in stages:
+            if stage not in STAGES:
+                raise InputError(f"Unknown stage '{stage}'", "use stages from: rigid, affine, bspline (comma separated)")
+        order = [STAGES.index(s) for s in stages]
+        if order != sorted(order) or len(set(stages)) != len(stages):
+            raise InputError(f"Stages must run in the order rigid, affine, bspline without repeats, got {','.join(stages)}",
+                             "use e.g. --stages rigid,affine or --stages rigid,affine,bspline")
+        if self.sampling_percentage is not None and not (0 < self.sampling_percentage <= 1):
+            raise InputError(f"Sampling percentage must be in (0, 1], got {self.sampling_percentage}",
+                             "use e.g. --sampling-percentage 0.002 (BRAINSFit's default) or 0.05")
+        if self.iterations is not None and self.iterations < 1:
+            raise InputError(f"Iterations must be >= 1, got {self.iterations}", "use e.g. --iterations 1500")
+        if self.seed < 0:
+            raise InputError(f"Seed must be >= 0, got {self.seed}", "use e.g. --seed 0")
+        self.stages = stages
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EngineResult:
+    """``transform``: fixed->moving (LPS), pre-alignment included. ``stages``: per-stage JSON records."""
+
+    transform: sitk.Transform
+    stages: list = field(default_factory=list)
+    settings_used: dict = field(default_factory=dict)
+    log: str = ""
+    warnings: list = field(default_factory=list)

@@ -1,0 +1,117 @@
+"""Resampling helpers (physical space, LPS). Smoothing before downsampling avoids aliasing."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from .image_space import Box, direction_matrix
+
+
+def smooth_for_spacing(image: sitk.Image, new_spacing) -> sitk.Image:
+    """Gaussian anti-aliasing before resampling to a coarser ``new_spacing`` (mm, per grid axis)."""
+    old = np.asarray(image.GetSpacing(), dtype=float)
+    new = np.asarray(new_spacing, dtype=float)
+    sigma = np.where(new > old * 1.01, np.sqrt(np.maximum(new**2 - old**2, 0.0)) / 2.355, 0.0)
+    if not np.any(sigma > 0.25 * old):
+        return image
+    # 2.355 = FWHM/sigma: the blur's FWHM matches the new voxel size.
+    return sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
+
+
+def grid_for_box(box: Box, spacing, direction: np.ndarray | None = None) -> dict:
+    """Size/origin/spacing/direction of a grid with ``direction`` covering ``box`` (LPS mm)."""
+    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
+    spacing = np.asarray(spacing, dtype=float) * np.ones(3)
+    lower, upper = np.asarray(box.lower), np.asarray(box.upper)
+    # Corners of the box in the grid's axes.
+    corners = np.array([[lower[0] if i == 0 else upper[0], lower[1] if j == 0 else upper[1],
+                         lower[2] if k == 0 else upper[2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    local = corners @ direction  # coordinates along the grid axes
+    lo, hi = local.min(0), local.max(0)
+    size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int), 1)
+    first_center_local = lo + spacing / 2.0
+    origin = direction @ first_center_local
+    return {"size": [int(s) for s in size], "origin": origin.tolist(), "spacing": spacing.tolist(),
+            "direction": direction.ravel().tolist()}
+
+
+def make_reference(grid: dict, pixel_id=sitk.sitkFloat32) -> sitk.Image:
+    ref = sitk.Image(grid["size"], pixel_id)
+    ref.SetOrigin(grid["origin"])
+    ref.SetSpacing(grid["spacing"])
+    ref.SetDirection(grid["direction"])
+    return ref
+
+
+def region_covering_box(image: sitk.Image, box: Box, pad_voxels: int = 2) -> tuple[list[int], list[int]] | None:
+    """(index, size) of the image region that covers ``box`` (LPS mm) plus ``pad_voxels``; None if disjoint."""
+    from .image_space import index_to_physical_matrix
+
+    a, origin = index_to_physical_matrix(image)
+    lower, upper = np.asarray(box.lower), np.asarray(box.upper)
+    corners = np.array([[x, y, z] for x in (lower[0], upper[0]) for y in (lower[1], upper[1])
+                        for z in (lower[2], upper[2])])
+    idx = (corners - origin) @ np.linalg.inv(a).T
+    size = np.asarray(image.GetSize())
+    first = np.maximum(np.floor(idx.min(0)).astype(int) - pad_voxels, 0)
+    last = np.minimum(np.ceil(idx.max(0)).astype(int) + pad_voxels, size - 1)
+    if np.any(last < first):
+        return None
+    return first.tolist(), (last - first + 1).tolist()
+
+
+def shrink_then_smooth(image: sitk.Image, new_spacing) -> sitk.Image:
+    """Anti-aliased copy for resampling at ``new_spacing`` (mm per grid axis).
+
+    Integer block averaging (BinShrink) does most of the reduction cheaply; a Gaussian then covers what
+    is left so the result's resolution matches ``new_spacing``.
+    """
+    old = np.asarray(image.GetSpacing(), dtype=float)
+    new = np.asarray(new_spacing, dtype=float)
+    factors = np.maximum(np.floor(new / old + 1e-6).astype(int), 1)
+    factors = np.minimum(factors, np.asarray(image.GetSize()))
+    if np.any(factors > 1):
+        image = sitk.BinShrink(image, [int(f) for f in factors])
+    return smooth_for_spacing(image, new)
+
+
+def resample_box(image: sitk.Image, box: Box, spacing, default_value: float,
+                 interpolator=sitk.sitkLinear, smooth: bool = True) -> sitk.Image:
+    """Crop ``image`` to ``box`` (LPS mm) and resample it at ``spacing`` (float32) on a grid with its own direction.
+
+    Only the region covering the box is read; downsampling is anti-aliased (``smooth``).
+    """
+    direction = direction_matrix(image)
+    grid = grid_for_box(box, spacing, direction)
+    reference = make_reference(grid, sitk.sitkFloat32)
+    region = region_covering_box(image, box)
+    source = image
+    if region is not None:
+        index, size = region
+        if list(size) != list(image.GetSize()):
+            source = sitk.RegionOfInterest(image, size, index)
+    source = sitk.Cast(source, sitk.sitkFloat32) if source.GetPixelID() != sitk.sitkFloat32 else source
+    if smooth and region is not None:
+        source = shrink_then_smooth(source, grid["spacing"])
+    # Nearest-neighbour extrapolation: the grid's rim past the last voxel centre repeats the edge voxels
+    # instead of a flat background slice, whose edge the registration pyramid would smear into the data.
+    return sitk.Resample(source, reference, sitk.Transform(), interpolator, float(default_value), sitk.sitkFloat32,
+                         True)
+
+
+def resample_to_spacing(image: sitk.Image, spacing, default_value: float | None = None,
+                        interpolator=sitk.sitkLinear) -> sitk.Image:
+    """The whole image at a new ``spacing`` (mm), same direction, same physical extent."""
+    from .image_space import bounding_box
+
+    if default_value is None:
+        default_value = float(sitk.GetArrayViewFromImage(image).min())
+    return resample_box(image, bounding_box(image), spacing, default_value, interpolator)
+
+
+def resample_onto(moving: sitk.Image, reference: sitk.Image, fixed_to_moving: sitk.Transform,
+                  default_value: float = 0.0, interpolator=sitk.sitkLinear, pixel_id=None) -> sitk.Image:
+    """``moving`` resampled on ``reference``'s grid through ``fixed_to_moving`` (ITK convention)."""
+    return sitk.Resample(moving, reference, fixed_to_moving, interpolator, float(default_value),
+                         moving.GetPixelID() if pixel_id is None else pixel_id)

@@ -1,0 +1,162 @@
+"""Load and check images and label maps (NRRD, NIfTI, MHA/MHD, DICOM series folder).
+
+Images keep their full geometry (origin, spacing, direction). Physical space is LPS (ITK).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+
+IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+
+#: Relative tolerance when comparing two grids (origin in mm, spacing, direction cosines).
+GRID_TOLERANCE = 1e-3
+
+
+def _describe(path: Path) -> str:
+    return f"'{path}'"
+
+
+def _read_dicom_directory(path: Path) -> sitk.Image:
+    """Read the single volume in a DICOM folder. Series checks live in ``dicom_series``."""
+    try:
+        from . import dicom_series  # optional stage module (pydicom based)
+    except ImportError:  # pragma: no cover - the module ships with the package
+        dicom_series = None
+    if dicom_series is not None and hasattr(dicom_series, "read_dicom_volume"):
+        return dicom_series.read_dicom_volume(path)
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(path))
+    if not series_ids:
+        raise InputError(f"No DICOM series found in folder {_describe(path)}",
+                         "point --fixed/--moving at a folder of DICOM files or at an image file (.nrrd, .nii.gz, .mha)")
+    if len(series_ids) > 1:
+        raise InputError(f"Folder {_describe(path)} holds {len(series_ids)} DICOM series",
+                         "put each series in its own folder, or pass one series folder")
+    files = reader.GetGDCMSeriesFileNames(str(path), series_ids[0])
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_image_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+    """Read an image file or DICOM folder, with a one-line error for anything unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"The {what} file {_describe(path)} does not exist",
+                         "check the path (relative paths are taken from the current folder)")
+    if path.is_dir():
+        return _read_dicom_directory(path)
+    if not os.access(path, os.R_OK):
+        raise InputError(f"The {what} file {_describe(path)} is not readable", "check its permissions")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
+        raise InputError(
+            f"Cannot read the {what} file {_describe(path)} as an image ({first[:120]})",
+            "give a NRRD, NIfTI, MHA/MHD file or a DICOM series folder",
+        ) from None
+
+
+def check_image(image: sitk.Image, name: str, allow_labels: bool = False) -> sitk.Image:
+    """Validate an image for registration and return it as a 3D scalar image.
+
+    Refuses 2D and 4D images, vector images, empty or constant images and NaN/Inf voxels.
+    A 4D image with a single time point is reduced to 3D.
+    """
+    dim = image.GetDimension()
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim == 2:
+        raise InputError(f"The {name} is a 2D image (size {image.GetSize()})",
+                         "give a 3D volume; a single slice cannot be registered in 3D")
+    if dim != 3:
+        raise InputError(f"The {name} is a {dim}D image (size {image.GetSize()})",
+                         "give a single 3D volume (extract one time point or echo first)")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"The {name} has {image.GetNumberOfComponentsPerPixel()} components per voxel",
+                         "give a scalar (grey-level) volume, not a colour or vector image")
+    size = image.GetSize()
+    if min(size) < 1 or int(np.prod(size)) == 0:
+        raise InputError(f"The {name} is empty (size {size})", "give a volume with voxels in it")
+    if min(size) < 2 and not allow_labels:
+        raise InputError(f"The {name} has a single slice along one axis (size {size})",
+                         "give a 3D volume with at least 2 voxels along each axis")
+    spacing = image.GetSpacing()
+    if min(spacing) <= 0 or not np.all(np.isfinite(spacing)):
+        raise InputError(f"The {name} has an invalid voxel spacing {spacing}", "fix the image header")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(f"The {name} has {bad} NaN or infinite voxels",
+                             "replace them (e.g. with the background value) before registering")
+    if not allow_labels:
+        lo, hi = float(array.min()), float(array.max())
+        if lo == hi:
+            raise InputError(f"The {name} is empty: every voxel is {lo:g}",
+                             "check that the right file was given; a constant image has nothing to align")
+    return image
+
+
+def load_image(path: str | os.PathLike, name: str = "image") -> sitk.Image:
+    """Read and validate a 3D scalar image; ``name`` ('fixed image', ...) is used in messages."""
+    return check_image(read_image_file(path, name), name)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GRID_TOLERANCE) -> bool:
+    """True when both images share size, spacing, origin and direction (within ``tolerance``)."""
+    if a.GetSize() != b.GetSize():
+        return False
+    spacing = np.asarray(a.GetSpacing())
+    if not np.allclose(spacing, b.GetSpacing(), rtol=tolerance, atol=0):
+        return False
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * max(spacing.max(), 1.0)):
+        return False
+    return bool(np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def check_label_grid(labels: sitk.Image, image: sitk.Image, label_name: str, image_name: str) -> sitk.Image:
+    """Refuse a label map whose voxel grid differs from its image's grid."""
+    if not same_grid(labels, image):
+        raise InputError(
+            f"The {label_name} grid (size {labels.GetSize()}, spacing "
+            f"{tuple(round(s, 3) for s in labels.GetSpacing())}) does not match the {image_name} "
+            f"(size {image.GetSize()}, spacing {tuple(round(s, 3) for s in image.GetSpacing())})",
+            f"give the label map that was computed from this {image_name} (e.g. TotalSegmentator's "
+            "output for it), or resample it onto the image grid with nearest-neighbour interpolation",
+        )
+    return labels
+
+
+def load_label_map(path: str | os.PathLike, reference: sitk.Image, label_name: str, image_name: str) -> sitk.Image:
+    """Read an integer label map file that must sit on ``reference``'s grid. Returns UInt16 labels."""
+    labels = check_image(read_image_file(path, label_name), label_name, allow_labels=True)
+    array = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise InputError(f"The {label_name} holds non-integer values",
+                             "give an integer label map (e.g. TotalSegmentator's --ml output)")
+    if float(array.min()) < 0:
+        raise InputError(f"The {label_name} holds negative values", "give a label map with labels >= 0")
+    check_label_grid(labels, reference, label_name, image_name)
+    return sitk.Cast(labels, sitk.sitkUInt16)
+
+
+def as_float32(image: sitk.Image) -> sitk.Image:
+    """The image as float32 (the working type of every stage), geometry unchanged."""
+    if image.GetPixelID() == sitk.sitkFloat32:
+        return image
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, compression_level: int = 1) -> None:
+    """Write an image; gzip level 1 by default (about half the time of the default level, ~35% larger)."""
+    sitk.WriteImage(image, str(path), compress, compression_level)

@@ -1,0 +1,696 @@
+"""Pre-alignment method ``search``: a global rigid search that needs no masks or label maps.
+
+What it handles that the usual initialisers do not: any rotation (head-first vs feet-first, supine vs
+prone, oblique), translations of hundreds of millimetres (headers that share no frame), and partial
+fields of view (an MR slab that covers a fifth of a CT).
+
+How (all poses are rigid, fixed->moving, physical LPS mm):
+
+1. Both images are box-averaged (``sitk.BinShrink``) to about ``fine_spacing_mm`` and again to about
+   ``coarse_spacing_mm``. Each level gets a body mask (:func:`masks.foreground_mask`, robust to CT
+   padding), intensities scaled to ``histogram_bins`` bins over a robust range, and a fixed set of sample
+   points: the mask's voxels plus a ``rim_mm`` rim around it, subsampled with the seed.
+2. Candidate poses: the header (identity); for every rotation of the 24-element cube group (which holds
+   the 180 degree patient-position flips), of the principal-axes alignments with all proper sign
+   combinations, and of a uniform rotation grid (``rotation_grid_size`` super-Fibonacci rotations),
+   the translation matching the centres of the two body masks and, for the special rotations, the
+   centres of the two image grids; when the two bodies differ in extent along an axis (partial field
+   of view), the smaller one slides along the larger one in ``slide_step_mm`` steps.
+3. Score (:class:`Scorer`): mutual information from a joint histogram, computed both ways (fixed
+   samples into the moving image and moving samples into the fixed image) over the points that land
+   inside the other image, with the Miller-Madow small-sample correction, times an overlap weight
+   ``min(1, overlap / min_overlap_fraction)``, where overlap is the share of the smaller body inside the
+   other image's field of view. A tiny overlap therefore cannot win.
+4. The best ``n_local`` distinct candidates are polished by a pattern search on the coarse level; the
+   best ``n_refine`` distinct ones by the same pattern search on the fine level (same score, so the
+   refinement cannot trade the chosen basin for another metric's); the winner is polished once more on a
+   ``final_spacing_mm`` level with more bins and samples. The pipeline's engine refines further.
+
+Every candidate and score goes into ``PrealignResult.candidates``. Settings: ``resources/presets/
+search.json``, overridden by ``PrealignInputs.options``. Deterministic for a given seed; the search
+checks its time budget (``budget_s``, CPU seconds) between steps and stops early (keeping the best so
+far) when it runs out. ``PrealignInputs.refine`` is not used (the refinement is done here).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ..errors import InputError
+from ..geometry import image_space, transforms
+from ..geometry.masks import foreground_mask, padding_value
+from ..io.image_io import as_float32
+from ..resource_files import load_resource_json
+from .base import PrealignInputs, PrealignResult
+
+#: Clock of the time budget: CPU seconds of this process (all threads). On a free machine this is about
+#: the wall time of the search; on a machine shared with other jobs it keeps the amount of work, and so
+#: the result, independent of the load.
+budget_clock = time.process_time
+
+#: Minimum number of samples inside the other image for a score to count (else 0): below this the
+#: histogram (16 x 16 bins) is too sparse for MI, even with the Miller-Madow correction.
+MIN_SAMPLES = 128
+
+
+def default_options() -> dict:
+    """The defaults from ``resources/presets/search.json`` (keys starting with ``_`` dropped)."""
+    data = load_resource_json("presets", "search.json")
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+#: Options that are lengths (mm). Their defaults are set for human anatomy (a field of view of
+#: ``reference_extent_mm`` or more); for smaller objects they shrink in proportion (see :func:`image_space.object_scale`).
+LENGTH_OPTIONS = ("coarse_spacing_mm", "fine_spacing_mm", "final_spacing_mm", "rim_mm", "slide_step_mm",
+                  "slide_min_difference_mm", "distinct_mm", "local_start_step_mm", "fine_start_step_mm",
+                  "final_start_step_mm")
+
+
+def scaled_options(options: dict, scale: float, user_keys) -> dict:
+    """``options`` with the length options not set by the user multiplied by ``scale``."""
+    out = dict(options)
+    for key in LENGTH_OPTIONS:
+        if key not in user_keys:
+            out[key] = options[key] * scale
+    return out
+
+
+def resolve_options(options: dict | None) -> dict:
+    """Defaults overridden by ``options``; unknown keys and bad values raise InputError."""
+    resolved = default_options()
+    for key, value in (options or {}).items():
+        if key not in resolved:
+            raise InputError(f"Unknown search option '{key}'", "use one of " + ", ".join(sorted(resolved)))
+        try:
+            value = type(resolved[key])(value)
+        except (TypeError, ValueError):
+            raise InputError(f"Search option '{key}' must be a number, got {value!r}",
+                             f"use e.g. {key}={resolved[key]}") from None
+        if value < 0 or (value == 0 and key not in ("rim_mm", "turn_probes")):
+            raise InputError(f"Search option '{key}' must be positive, got {value}", f"use e.g. {key}={resolved[key]}")
+        resolved[key] = value
+    if resolved["coarse_spacing_mm"] < resolved["fine_spacing_mm"]:
+        raise InputError("Search option coarse_spacing_mm must be >= fine_spacing_mm",
+                         "use e.g. coarse_spacing_mm=6, fine_spacing_mm=3")
+    if resolved["histogram_bins"] < 4:
+        raise InputError("Search option histogram_bins must be >= 4", "use e.g. histogram_bins=16")
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------ levels
+@dataclass
+class Level:
+    """One image at one working spacing, ready for scoring (physical LPS mm throughout)."""
+
+    image: sitk.Image  # float32, box-averaged
+    mask: sitk.Image  # UInt8 body mask on the same grid
+    region_mask: sitk.Image  # UInt8 body + rim (where sample points come from)
+    scaled: np.ndarray  # (z, y, x) float32 intensities scaled to [0, bins-1]
+    index_from_physical: np.ndarray  # 3x4: continuous index (x, y, z) = M[:, :3] @ p + M[:, 3]
+    size_xyz: np.ndarray
+    points: np.ndarray  # N x 3 sample points (mask + rim), physical
+    points_t: np.ndarray  # 3 x N, the same (contiguous, for batched matrix products)
+    point_bins: np.ndarray  # N intensity bins of the sample points
+    point_in_body: np.ndarray  # N bool: inside the mask (the rim is not)
+    body_centroid: np.ndarray
+    body_axes: np.ndarray  # 3x3, columns, largest variance first
+    body_points: np.ndarray  # up to 600 body voxel centres (extent estimates)
+    body_volume_mm3: float
+    geometric_center: np.ndarray
+    has_body: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def shrink_factors(spacing, target_mm: float) -> list[int]:
+    """Integer BinShrink factors that bring ``spacing`` (mm) close to ``target_mm`` (never below 1)."""
+    return [max(1, int(round(target_mm / float(s)))) for s in spacing]
+
+
+def _index_from_physical(image: sitk.Image) -> np.ndarray:
+    a = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
+    inv = np.linalg.inv(a)
+    return np.hstack([inv, (-inv @ np.asarray(image.GetOrigin(), float))[:, None]])
+
+
+def _voxel_points(image: sitk.Image, idx_zyx: np.ndarray) -> np.ndarray:
+    a = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
+    return idx_zyx[:, ::-1].astype(float) @ a.T + np.asarray(image.GetOrigin(), float)
+
+
+def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, rim_mm: float,
+               seed: int, masks_from: Level | None = None) -> Level:
+    """Box-average ``image`` to about ``target_mm`` and prepare masks, scaled intensities and samples.
+
+    ``masks_from``: a (coarser) level of the same image whose body and body+rim masks are resampled
+    (nearest neighbour) instead of thresholding and dilating again at this level.
+    """
+    factors = shrink_factors(image.GetSpacing(), target_mm)
+    shrink = any(f > 1 for f in factors)
+    small = sitk.Cast(sitk.BinShrink(image, factors) if shrink else image, sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(small)
+    pad = padding_value(small)
+    if pad is not None:
+        # Box averaging mixes CT padding (-2048...) into the voxels along the reconstruction circle; such
+        # values look like "darker than air" tissue to a threshold and to the histograms. Those voxels
+        # become padding too (one voxel around every padded one).
+        valid_image = _mask_from_array(array > pad + 0.5, small)
+        valid = sitk.GetArrayFromImage(sitk.BinaryErode(valid_image, [1, 1, 1], sitk.sitkBox, 0, 1, True)) > 0
+        array[~valid] = pad
+        cleaned = sitk.GetImageFromArray(array)
+        cleaned.CopyInformation(small)
+        small = cleaned
+    if masks_from is not None:
+        body = _resampled_mask(masks_from.mask, small)
+    else:
+        body = sitk.GetArrayFromImage(foreground_mask(small, working_spacing_mm=None)) > 0
+    info = {"shrink_factors": factors, "spacing_mm": [round(s, 3) for s in small.GetSpacing()],
+            "size": list(small.GetSize())}
+    has_body = int(body.sum()) >= 27
+    if not has_body:  # no object found: use every voxel (recorded, reported as a warning)
+        body = np.ones(array.shape, bool)
+    body_image = _mask_from_array(body, small)
+    if masks_from is not None:
+        region = _resampled_mask(masks_from.region_mask, small) | body
+        region_image = _mask_from_array(region, small)
+    else:
+        radius = [max(0, int(round(rim_mm / s))) for s in small.GetSpacing()]
+        region_image = sitk.BinaryDilate(body_image, radius, sitk.sitkBall) if max(radius) > 0 else body_image
+        region = sitk.GetArrayFromImage(region_image) > 0
+    pad = padding_value(small)
+    valid = array > pad + 0.5 if pad is not None else np.ones(array.shape, bool)
+    values = array[region & valid]
+    if values.size < 10:
+        values = array.ravel()
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if hi <= lo:
+        hi = lo + 1.0
+    scaled = np.clip((array - lo) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) * np.float32(bins - 1)
+    rng = np.random.default_rng(seed)
+    idx = np.argwhere(region)
+    if idx.shape[0] > max_points:
+        idx = idx[np.sort(rng.choice(idx.shape[0], max_points, replace=False))]
+    points = _voxel_points(small, idx)
+    point_bins = np.floor(scaled[idx[:, 0], idx[:, 1], idx[:, 2]] + 0.5).astype(np.int64)
+    point_in_body = body[idx[:, 0], idx[:, 1], idx[:, 2]]
+    body_idx = np.argwhere(body)
+    volume = float(body_idx.shape[0] * np.prod(small.GetSpacing()))
+    if body_idx.shape[0] > 200_000:  # centroid and axes from a (seeded) subsample: same to a fraction of a mm
+        body_idx = body_idx[np.sort(rng.choice(body_idx.shape[0], 200_000, replace=False))]
+    centroid, axes = _centroid_and_axes(_voxel_points(small, body_idx))
+    if body_idx.shape[0] > 600:
+        body_idx = body_idx[np.sort(rng.choice(body_idx.shape[0], 600, replace=False))]
+    size = np.asarray(small.GetSize(), float)
+    geometric_center = np.asarray(small.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    info.update({"intensity_range": [round(lo, 2), round(hi, 2)], "samples": int(points.shape[0]),
+                 "body_volume_ml": round(volume / 1000.0, 2), "body_found": has_body})
+    return Level(small, body_image, region_image, scaled, _index_from_physical(small), size, points,
+                 np.ascontiguousarray(points.T), point_bins, point_in_body, centroid, axes,
+                 _voxel_points(small, body_idx), volume, geometric_center, has_body, info)
+
+
+def _centroid_and_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid and principal axes (columns, largest variance first) of N x 3 points."""
+    centroid = points.mean(0)
+    centred = points - centroid
+    cov = centred.T @ centred / max(points.shape[0] - 1, 1)
+    variances, axes = np.linalg.eigh(cov)
+    return centroid, axes[:, np.argsort(variances)[::-1]]
+
+
+def _resampled_mask(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                sitk.sitkUInt8)) > 0
+
+
+def _mask_from_array(mask: np.ndarray, like: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out.CopyInformation(like)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ scoring
+class Scorer:
+    """Scores batches of rigid poses (K x 4 x 4, fixed->moving) between two levels. Higher is better."""
+
+    def __init__(self, fixed: Level, moving: Level, bins: int, min_overlap_fraction: float):
+        self.fixed, self.moving, self.bins = fixed, moving, bins
+        self.min_overlap = float(min_overlap_fraction)
+        self.evaluations = 0
+        self.fixed_body_n = max(1, int(fixed.point_in_body.sum()))
+        self.moving_body_n = max(1, int(moving.point_in_body.sum()))
+
+    def _one_way(self, source: Level, target: Level, mats: np.ndarray, body_n: int) -> tuple[np.ndarray, ...]:
+        """MI (Miller-Madow corrected), sample count and covered share of ``source``'s body."""
+        k, b = mats.shape[0], self.bins
+        w = target.index_from_physical
+        g = w[:, :3] @ mats[:, :3, :3]  # K x 3 x 3: physical -> target index
+        h = mats[:, :3, 3] @ w[:, :3].T + w[:, 3]  # K x 3
+        idx = g @ source.points_t + h[:, :, None]  # K x 3 x N (continuous x, y, z index)
+        upper = target.size_xyz - 1.0
+        inside = np.all(idx >= 0.0, axis=1) & np.all(idx <= upper[None, :, None], axis=1)  # K x N
+        coords = np.stack([idx[:, 2][inside], idx[:, 1][inside], idx[:, 0][inside]])
+        values = ndimage.map_coordinates(target.scaled, coords, order=1, mode="nearest", prefilter=False)
+        keys = (np.arange(k)[:, None] * (b * b) + source.point_bins[None, :] * b)[inside]
+        keys += (values + 0.5).astype(np.int64)
+        counts = np.bincount(keys, minlength=k * b * b)
+        counts = counts.reshape(k, b, b).astype(float)
+        mi, n = _mutual_information(counts)
+        covered = (inside & source.point_in_body[None, :]).sum(1) / body_n
+        return mi, n, covered
+
+    def score(self, mats: np.ndarray, chunk: int = 48) -> dict:
+        """Arrays (length K): score, mi (mean of both ways), overlap (share of the smaller body covered)."""
+        mats = np.asarray(mats, float).reshape(-1, 4, 4)
+        out = {key: np.zeros(mats.shape[0]) for key in ("score", "mi", "overlap")}
+        for start in range(0, mats.shape[0], chunk):
+            part = mats[start:start + chunk]
+            inv = np.linalg.inv(part)
+            mi_f, n_f, cov_f = self._one_way(self.fixed, self.moving, part, self.fixed_body_n)
+            mi_m, n_m, cov_m = self._one_way(self.moving, self.fixed, inv, self.moving_body_n)
+            mi = 0.5 * (np.where(n_f >= MIN_SAMPLES, mi_f, 0.0) + np.where(n_m >= MIN_SAMPLES, mi_m, 0.0))
+            overlap = np.maximum(cov_f, cov_m)
+            weight = np.minimum(1.0, overlap / self.min_overlap)
+            sl = slice(start, start + part.shape[0])
+            out["score"][sl] = mi * weight
+            out["mi"][sl] = mi
+            out["overlap"][sl] = overlap
+        self.evaluations += mats.shape[0]
+        return out
+
+
+def _mutual_information(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per histogram (K x B x B): MI in nats with the Miller-Madow bias correction, and sample counts."""
+    n = counts.sum(axis=(1, 2))
+    safe_n = np.maximum(n, 1.0)
+    p = counts / safe_n[:, None, None]
+    pf, pm = p.sum(2), p.sum(1)
+
+    def entropy(q, axes):
+        return -np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0), axis=axes)
+
+    h_joint, h_f, h_m = entropy(p, (1, 2)), entropy(pf, 1), entropy(pm, 1)
+    occupied_joint = (counts > 0).sum(axis=(1, 2))
+    occupied_f, occupied_m = (pf > 0).sum(1), (pm > 0).sum(1)
+    bias = (occupied_f + occupied_m - occupied_joint - 1) / (2.0 * safe_n)
+    mi = np.maximum(h_f + h_m - h_joint + bias, 0.0)
+    return np.where(n > 0, mi, 0.0), n
+
+
+# ------------------------------------------------------------------------------------------ rotations
+def cube_rotations() -> list[np.ndarray]:
+    """The 24 proper rotations that map coordinate axes onto coordinate axes (includes the 180 degree flips)."""
+    out = []
+    for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+        for signs in np.ndindex(2, 2, 2):
+            m = np.zeros((3, 3))
+            for row, col in enumerate(perm):
+                m[row, col] = 1.0 if signs[row] == 0 else -1.0
+            if np.linalg.det(m) > 0:
+                out.append(m)
+    # identity first, then the three 180 degree flips, then the rest (stable order)
+    out.sort(key=lambda m: (-int(np.allclose(np.abs(m), np.eye(3))), -np.trace(m)))
+    return out
+
+
+def super_fibonacci_rotations(n: int) -> list[np.ndarray]:
+    """``n`` well-spread rotations (Alexa 2022, super-Fibonacci spirals on the unit quaternions)."""
+    phi, psi = math.sqrt(2.0), 1.533751168755204288118041
+    s = np.arange(n) + 0.5
+    r, big_r = np.sqrt(s / n), np.sqrt(1.0 - s / n)
+    alpha, beta = 2.0 * np.pi * s / phi, 2.0 * np.pi * s / psi
+    quats = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], 1)
+    return [_quaternion_matrix(q) for q in quats]
+
+
+def _quaternion_matrix(q: np.ndarray) -> np.ndarray:
+    x, y, z, w = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def rotation_vector_matrix(rotvec_rad: np.ndarray) -> np.ndarray:
+    """Rodrigues: rotation by |v| radians about v."""
+    v = np.asarray(rotvec_rad, float)
+    angle = float(np.linalg.norm(v))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = v / angle
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * kx + (1 - math.cos(angle)) * kx @ kx
+
+
+def principal_axes_rotations(fixed: Level, moving: Level) -> list[np.ndarray]:
+    """Rotations taking the fixed body's principal axes onto the moving body's, all 4 proper sign choices."""
+    out = []
+    for signs in np.ndindex(2, 2, 2):
+        s = np.diag([1.0 if v == 0 else -1.0 for v in signs])
+        r = moving.body_axes @ s @ fixed.body_axes.T
+        if np.linalg.det(r) > 0:
+            out.append(r)
+    return out
+
+
+def pose(rotation: np.ndarray, fixed_point: np.ndarray, moving_point: np.ndarray) -> np.ndarray:
+    """4x4 fixed->moving: rotate about ``fixed_point`` and send it to ``moving_point``."""
+    m = np.eye(4)
+    m[:3, :3] = rotation
+    m[:3, 3] = np.asarray(moving_point) - rotation @ np.asarray(fixed_point)
+    return m
+
+
+# ------------------------------------------------------------------------------------------ candidates
+@dataclass(eq=False)
+class Candidate:
+    matrix: np.ndarray
+    source: str
+    stage: str = "global"
+    score: float = float("nan")
+    mi: float = float("nan")
+    overlap: float = float("nan")
+    parent: int | None = None
+
+    def record(self, with_pose: bool) -> dict:
+        out = {"stage": self.stage, "source": self.source, "score": round(float(self.score), 5),
+               "overlap": round(float(self.overlap), 3)}
+        if with_pose:
+            m = self.matrix
+            out["mi"] = round(float(self.mi), 5)
+            out["rotation_deg"] = round(transforms.rotation_angle_deg(m), 2)
+            out["matrix_4x4"] = [[round(float(v), 5) for v in row] for row in m[:3]]
+        if self.parent is not None:
+            out["from"] = self.parent
+        return out
+
+
+def slide_offsets(rotation: np.ndarray, fixed: Level, moving: Level, options: dict) -> list[tuple[str, np.ndarray]]:
+    """Offsets (fixed space, mm) of the smaller body along the larger one when their extents differ.
+
+    For each LPS axis, the moving body (rotated into the fixed frame) and the fixed body are compared
+    relative to their centroids; when the lengths differ by more than ``slide_min_difference_mm`` the
+    offset runs over the whole range where the shorter one stays inside the longer one.
+    """
+    rel_f = fixed.body_points - fixed.body_centroid
+    rel_m = (moving.body_points - moving.body_centroid) @ rotation  # R^T (p - c), row form
+    axes_ranges = []
+    for axis in range(3):
+        f_lo, f_hi = np.percentile(rel_f[:, axis], [1, 99])
+        m_lo, m_hi = np.percentile(rel_m[:, axis], [1, 99])
+        lo, hi = sorted((f_lo - m_lo, f_hi - m_hi))
+        if hi - lo >= options["slide_min_difference_mm"]:
+            axes_ranges.append((axis, lo, hi))
+    if not axes_ranges:
+        return []
+    step = float(options["slide_step_mm"])
+    while True:  # coarser steps until the grid of offsets fits max_slide_positions
+        counts = [int(math.floor((hi - lo) / step)) + 1 for _, lo, hi in axes_ranges]
+        if int(np.prod(counts)) <= max(2, int(options["max_slide_positions"])):
+            break
+        step *= 1.15
+    per_axis = [[(axis, v) for v in np.linspace(lo, hi, max(count, 2))]
+                for (axis, lo, hi), count in zip(axes_ranges, counts)]
+    offsets = []
+    for combo in np.ndindex(*[len(p) for p in per_axis]):
+        delta = np.zeros(3)
+        label = []
+        for which, i in enumerate(combo):
+            axis, value = per_axis[which][i]
+            delta[axis] = value
+            label.append(f"{'LPS'[axis]}{value:+.0f}")
+        offsets.append(("slide " + " ".join(label), delta))
+    return offsets
+
+
+def global_candidates(fixed: Level, moving: Level, options: dict) -> list[Candidate]:
+    """Header, flips, principal axes and a rotation grid, each with centroid/centre/sliding translations."""
+    cands = [Candidate(np.eye(4), "header")]
+    special = [(f"cube{i}", r) for i, r in enumerate(cube_rotations())]
+    special += [(f"axes{i}", r) for i, r in enumerate(principal_axes_rotations(fixed, moving))]
+    grid = [(f"grid{i}", r) for i, r in enumerate(super_fibonacci_rotations(int(options["rotation_grid_size"])))]
+    for name, r in special:
+        cands.append(Candidate(pose(r, fixed.body_centroid, moving.body_centroid), f"{name} body-centres"))
+        cands.append(Candidate(pose(r, fixed.geometric_center, moving.geometric_center), f"{name} image-centres"))
+    for name, r in grid:
+        cands.append(Candidate(pose(r, fixed.body_centroid, moving.body_centroid), f"{name} body-centres"))
+    for name, r in special + grid:
+        for label, delta in slide_offsets(r, fixed, moving, options):
+            cands.append(Candidate(pose(r, fixed.body_centroid + delta, moving.body_centroid), f"{name} {label}"))
+    return cands
+
+
+# ------------------------------------------------------------------------------------------ local search
+def distinct(cands: list[Candidate], points: np.ndarray, distance_mm: float, limit: int,
+             per_rotation: int | None = None) -> list[Candidate]:
+    """Best-first candidates whose poses move ``points`` more than ``distance_mm`` (mean) from each other.
+
+    ``per_rotation`` caps how many come from one starting rotation (the first word of ``source``, e.g.
+    ``grid6``): slid copies of one rotation are far apart in translation and could otherwise take every slot.
+    """
+    chosen: list[Candidate] = []
+    moved: list[np.ndarray] = []
+    per_family: dict[str, int] = {}
+    for cand in sorted(cands, key=lambda c: -c.score):
+        family = cand.source.split()[0]
+        if per_rotation is not None and per_family.get(family, 0) >= per_rotation:
+            continue
+        here = points @ cand.matrix[:3, :3].T + cand.matrix[:3, 3]
+        if all(np.mean(np.linalg.norm(here - other, axis=1)) > distance_mm for other in moved):
+            chosen.append(cand)
+            moved.append(here)
+            per_family[family] = per_family.get(family, 0) + 1
+            if len(chosen) >= limit:
+                break
+    return chosen
+
+
+def overlap_center(matrix: np.ndarray, fixed: Level, moving: Level) -> np.ndarray:
+    """Centroid (fixed space) of the fixed body points that land inside the moving image."""
+    idx = fixed.body_points @ (moving.index_from_physical[:, :3] @ matrix[:3, :3]).T
+    idx += moving.index_from_physical[:, :3] @ matrix[:3, 3] + moving.index_from_physical[:, 3]
+    inside = np.all((idx >= 0) & (idx <= moving.size_xyz - 1), axis=1)
+    if inside.sum() < 10:
+        inv = np.linalg.inv(matrix)
+        return moving.body_centroid @ inv[:3, :3].T + inv[:3, 3]
+    return fixed.body_points[inside].mean(0)
+
+
+def perturbed(matrix: np.ndarray, center: np.ndarray, rotvec_deg, shift_mm) -> np.ndarray:
+    """``matrix`` after a small rotation about ``center`` and a shift, both applied in fixed space first."""
+    r = rotation_vector_matrix(np.radians(np.asarray(rotvec_deg, float)))
+    local = np.eye(4)
+    local[:3, :3] = r
+    local[:3, 3] = center + np.asarray(shift_mm, float) - r @ center
+    return matrix @ local
+
+
+def pattern_search(start: np.ndarray, scorer: Scorer, center: np.ndarray, step_deg: float, step_mm: float,
+                   min_step_deg: float, deadline: float, max_rounds: int = 40) -> tuple[np.ndarray, dict]:
+    """Coordinate pattern search over 3 rotations (degrees) and 3 shifts (mm); steps halve on failure."""
+    best = start
+    best_out = scorer.score(best[None])
+    best_score = float(best_out["score"][0])
+    rounds = 0
+    while step_deg >= min_step_deg and rounds < max_rounds and budget_clock() < deadline:
+        rounds += 1
+        trials = []
+        for axis in range(3):
+            for sign in (-1.0, 1.0):
+                rot = np.zeros(3)
+                rot[axis] = sign * step_deg
+                trials.append(perturbed(best, center, rot, np.zeros(3)))
+        for axis in range(3):
+            for sign in (-1.0, 1.0):
+                shift = np.zeros(3)
+                shift[axis] = sign * step_mm
+                trials.append(perturbed(best, center, np.zeros(3), shift))
+        out = scorer.score(np.stack(trials))
+        # combined move: the better sign on every coordinate that improved
+        gains = out["score"].reshape(6, 2) - best_score
+        rot, shift = np.zeros(3), np.zeros(3)
+        for axis in range(6):
+            sign_index = int(np.argmax(gains[axis]))
+            if gains[axis, sign_index] > 0:
+                value = (-1.0, 1.0)[sign_index]
+                if axis < 3:
+                    rot[axis] = value * step_deg
+                else:
+                    shift[axis - 3] = value * step_mm
+        combined = perturbed(best, center, rot, shift)
+        combined_out = scorer.score(combined[None])
+        i = int(np.argmax(out["score"]))
+        candidates = [(float(out["score"][i]), trials[i], {k: out[k][i] for k in out}),
+                      (float(combined_out["score"][0]), combined, {k: combined_out[k][0] for k in combined_out})]
+        value, matrix, detail = max(candidates, key=lambda c: c[0])
+        if value > best_score + 1e-6:
+            best, best_score, best_out = matrix, value, {k: np.array([v]) for k, v in detail.items()}
+        else:
+            step_deg, step_mm = step_deg / 2.0, step_mm / 2.0
+    return best, {k: float(np.asarray(v).ravel()[0]) for k, v in best_out.items()}
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def prealign(inputs: PrealignInputs) -> PrealignResult:
+    """Global rigid search; the result maps fixed physical LPS points to moving ones (Euler3DTransform)."""
+    started = time.perf_counter()
+    cpu_started = budget_clock()
+    options = resolve_options(inputs.options)
+    scale = image_space.object_scale(inputs.fixed, inputs.moving, options["reference_extent_mm"])
+    options = scaled_options(options, scale, set(inputs.options or {}))
+    if options["coarse_spacing_mm"] < options["fine_spacing_mm"]:
+        options["coarse_spacing_mm"] = options["fine_spacing_mm"]
+    deadline = cpu_started + float(options["budget_s"])
+    timings: dict = {}
+    warnings: list = []
+    progress = inputs.progress
+    bins = int(options["histogram_bins"])
+    progress.report("prealign", 0.1, "search: preparing coarse copies")
+
+    def lap(name, since):
+        timings[name] = round(time.perf_counter() - since, 3)
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    # float32 first: BinShrink of an integer image rounds the averages, and the result would then depend on
+    # whether the caller passed int16 (files) or float32 (the pipeline)
+    fixed_image, moving_image = as_float32(inputs.fixed), as_float32(inputs.moving)
+    levels = {}
+    for name, image, seed in (("fixed", fixed_image, inputs.seed), ("moving", moving_image, inputs.seed + 1)):
+        # the coarse level first (its body mask is cheap), then the fine level reusing that mask
+        fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"]))
+        coarse = make_level(fine_image, options["coarse_spacing_mm"], bins, int(options["max_points_coarse"]),
+                            options["rim_mm"], seed)
+        fine = make_level(fine_image, options["fine_spacing_mm"], bins, int(options["max_points_fine"]),
+                          options["rim_mm"], seed, coarse)
+        levels[name] = (fine, coarse)
+    (fixed_fine, fixed_coarse), (moving_fine, moving_coarse) = levels["fixed"], levels["moving"]
+    for name, level in (("fixed", fixed_coarse), ("moving", moving_coarse)):
+        if not level.has_body:
+            warnings.append(f"search: no object found in the {name} image by thresholding; scored all voxels")
+    t = lap("prepare_s", t)
+
+    coarse = Scorer(fixed_coarse, moving_coarse, bins, options["min_overlap_fraction"])
+    fine = Scorer(fixed_fine, moving_fine, bins, options["min_overlap_fraction"])
+
+    # 1. global candidates, scored in order until half the budget is used
+    cands = global_candidates(fixed_coarse, moving_coarse, options)
+    global_deadline = cpu_started + 0.5 * float(options["budget_s"])
+    scored = 0
+    chunk = 96
+    for begin in range(0, len(cands), chunk):
+        part = cands[begin:begin + chunk]
+        out = coarse.score(np.stack([c.matrix for c in part]))
+        for i, c in enumerate(part):
+            c.score, c.mi, c.overlap = float(out["score"][i]), float(out["mi"][i]), float(out["overlap"][i])
+        scored += len(part)
+        if budget_clock() > global_deadline:
+            break
+    if scored < len(cands):
+        warnings.append(f"search: time budget reached; scored {scored} of {len(cands)} global candidates")
+    global_scored = cands[:scored]
+    progress.report("prealign", 0.2, f"search: {scored} poses scored")
+    t = lap("global_s", t)
+
+    def refine(matrix: np.ndarray, scorer: Scorer, steps: str, until: float):
+        """Pattern search on ``scorer``'s level about the overlap centre, with the ``steps`` option set
+        (``local``, ``fine`` or ``final``: ``<steps>_start_step_deg/_mm``, ``<steps>_min_step_deg``)."""
+        center = overlap_center(matrix, scorer.fixed, scorer.moving)
+        return pattern_search(matrix, scorer, center, options[f"{steps}_start_step_deg"],
+                              options[f"{steps}_start_step_mm"], options[f"{steps}_min_step_deg"], until)
+
+    # 2. local pattern search (coarse level) from the best distinct candidates
+    probe = fixed_coarse.body_points[:: max(1, fixed_coarse.body_points.shape[0] // 60)]
+    local_starts = distinct(global_scored, probe, options["distinct_mm"], int(options["n_local"]),
+                            int(options["n_local_per_rotation"]))
+    local: list[Candidate] = []
+    local_deadline = cpu_started + 0.75 * float(options["budget_s"])
+    for start in local_starts:
+        if budget_clock() > local_deadline and local:
+            warnings.append("search: time budget reached during local search")
+            break
+        matrix, out = refine(start.matrix, coarse, "local", local_deadline)
+        local.append(Candidate(matrix, start.source, "local", out["score"], out["mi"], out["overlap"],
+                               parent=cands.index(start)))
+    t = lap("local_s", t)
+
+    # 3. refinement at the fine level of the best distinct local results (same pattern search, finer steps)
+    to_refine = distinct(local or local_starts, probe, options["distinct_mm"], int(options["n_refine"]))
+    finals: list[Candidate] = []
+    for cand in to_refine:
+        if budget_clock() > deadline and finals:
+            warnings.append("search: time budget reached during refinement")
+            break
+        matrix, out = refine(cand.matrix, fine, "fine", max(deadline, budget_clock() + 0.2))
+        finals.append(Candidate(matrix, cand.source, "refined", out["score"], out["mi"], out["overlap"]))
+    t = lap("refine_s", t)
+    best = max(finals, key=lambda c: c.score)
+
+    # 3b. the winner turned 180 degrees about each principal axis of the fixed body (through the overlap
+    # centre), refined the same way: a near-symmetric object can lead every global candidate into the
+    # upside-down basin, and the right one is then a single turn away.
+    turned: list[Candidate] = []
+    if options["turn_probes"] and budget_clock() < deadline:
+        center = overlap_center(best.matrix, fixed_fine, moving_fine)
+        for axis in range(3):
+            if budget_clock() > deadline:
+                warnings.append("search: time budget reached during the 180 degree turn probes")
+                break
+            start = perturbed(best.matrix, center, np.degrees(np.pi * fixed_coarse.body_axes[:, axis]), np.zeros(3))
+            matrix, _ = refine(start, coarse, "local", max(deadline, budget_clock() + 0.2))
+            matrix, out = refine(matrix, fine, "fine", max(deadline, budget_clock() + 0.2))
+            turned.append(Candidate(matrix, f"{best.source} turned 180 about body axis {axis}", "turned",
+                                    out["score"], out["mi"], out["overlap"]))
+        best = max([best] + turned, key=lambda c: c.score)
+        finals += turned
+        t = lap("turn_s", t)
+
+    # 4. polish the winner on a finer level (more bins and samples), when the budget allows
+    polished: list[Candidate] = []
+    if options["final_spacing_mm"] < options["fine_spacing_mm"] and budget_clock() < deadline - 0.5:
+        final_bins = int(options["final_histogram_bins"])
+        fixed_final = make_level(fixed_image, options["final_spacing_mm"], final_bins,
+                                 int(options["max_points_final"]), options["rim_mm"], inputs.seed, fixed_coarse)
+        moving_final = make_level(moving_image, options["final_spacing_mm"], final_bins,
+                                  int(options["max_points_final"]), options["rim_mm"], inputs.seed + 1,
+                                  moving_coarse)
+        final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"])
+        matrix, out = refine(best.matrix, final_scorer, "final", max(deadline, budget_clock() + 0.2))
+        polished.append(Candidate(matrix, best.source, "final", out["score"], out["mi"], out["overlap"]))
+        best = polished[0]
+        t = lap("final_s", t)
+    finals += polished
+
+    transform = transforms.rigid_from_matrix(best.matrix, center=fixed_fine.body_centroid)
+    total = round(time.perf_counter() - started, 3)
+    timings["total_s"] = total
+    timings["cpu_s"] = round(budget_clock() - cpu_started, 3)
+    ranked = sorted(global_scored, key=lambda c: -c.score)
+    top_ids = {id(c) for c in ranked[: int(options["max_recorded_candidates"])]}
+    records = [c.record(with_pose=id(c) in top_ids) for c in global_scored]
+    records += [c.record(with_pose=True) for c in local + finals]
+    second = [c for c in ranked[1:] if c is not ranked[0]]
+    details = {
+        "description": "global rigid search (flips, principal axes, rotation grid, sliding for partial field "
+                       "of view) scored by overlap-weighted mutual information, then local and MI refinement",
+        "options": options,
+        "object_scale": round(scale, 4),
+        "chosen": best.record(with_pose=True),
+        "chosen_stage": best.stage,
+        "global_candidates": len(cands), "global_scored": scored,
+        "evaluations": {"coarse": coarse.evaluations, "fine": fine.evaluations},
+        "best_global_score": round(float(ranked[0].score), 5) if ranked else None,
+        "second_global_score": round(float(second[0].score), 5) if second else None,
+        "levels": {"fixed_fine": fixed_fine.info, "moving_fine": moving_fine.info,
+                   "fixed_coarse": fixed_coarse.info, "moving_coarse": moving_coarse.info},
+        "timings_s": timings, "budget_s": options["budget_s"],
+        "convention": "fixed->moving, physical LPS mm",
+    }
+    progress.report("prealign", 0.3, f"search: done in {total:.1f} s (score {best.score:.3f})")
+    return PrealignResult("search", transform, details, warnings, records)
