@@ -562,7 +562,7 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         mrml_bridge.check_not_transformed(movingVolumeNode, "moving volume", allowed_transform_node=outputTransformNode)
         if writeReport and reportDirectory is not None:  # refuse a folder of someone else's files before the run
             pipeline.check_output_dir(Path(reportDirectory).resolve())
-        options = pipeline.PipelineOptions(
+        options = pipeline.PipelineOptions.create(
             prealign=prealign, engine=coreEngine if engine == "core" else "itk", stages=tuple(stages),
             sampling_percentage=samplingPercentage, iterations=iterations, seed=seed, crop_margin_mm=cropMarginMm,
             spacing_scale=spacingScale, isotropic=isotropic).validate()

@@ -233,7 +233,7 @@ def test_full_pipeline_with_anatomy_prealignment():
 
     pair = phantoms.make_pair(seed=12, rotation_deg=30, translation_mm=100, moving_fov="slab", slab_fraction=0.45,
                               fixed_spacing=(4.0, 4.0, 4.0), moving_spacing=(4.0, 4.0, 4.0), supersample=2)
-    result = run_pipeline(pair.fixed, pair.moving, PipelineOptions(prealign="anatomy", stages=("rigid",)),
+    result = run_pipeline(pair.fixed, pair.moving, PipelineOptions.create(prealign="anatomy", stages=("rigid",)),
                           fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels)
     details = result.report["prealign"]["details"]
     assert details["fixed_task"] == "total" and details["moving_task"] == "total_mr"

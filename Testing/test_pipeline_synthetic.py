@@ -24,7 +24,7 @@ def _pair(seed, **kwargs):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rigid_offsets_up_to_15mm_15deg_are_recovered(engine, seed):
     pair = _pair(seed, rotation_deg=15.0, translation_mm=15.0)
-    options = PipelineOptions(prealign="header", engine=engine, stages=("rigid",))
+    options = PipelineOptions.create(prealign="header", engine=engine, stages=("rigid",))
     result = run_pipeline(pair.fixed, pair.moving, options)
     error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, phantoms.body_points(pair, n=1000))
     assert error < 1.0, f"{engine} seed {seed}: mean point error {error:.2f} mm"
@@ -35,7 +35,7 @@ def test_rigid_offsets_up_to_15mm_15deg_are_recovered(engine, seed):
 @pytest.mark.parametrize("engine", ["itk", "elastix"])
 def test_affine_transform_is_recovered(engine):
     pair = _pair(3, rotation_deg=10.0, translation_mm=12.0, affine_scale=0.06)
-    result = run_pipeline(pair.fixed, pair.moving, PipelineOptions(prealign="header", engine=engine))
+    result = run_pipeline(pair.fixed, pair.moving, PipelineOptions.create(prealign="header", engine=engine))
     points = phantoms.body_points(pair, n=1000)
     error = transforms.mean_point_error(result.transform, pair.fixed_to_moving, points)
     assert error < 1.0, f"{engine}: mean point error {error:.2f} mm"
@@ -93,7 +93,7 @@ def test_verdict_fail_sets_exit_code_4_and_no_report_skips_pictures(tmp_path):
 
 def test_overrides_reach_the_engine_and_the_report():
     pair = _pair(2, rotation_deg=5.0, translation_mm=5.0)
-    options = PipelineOptions(prealign="header", stages=("rigid",), sampling_percentage=0.05, iterations=40)
+    options = PipelineOptions.create(prealign="header", stages=("rigid",), sampling_percentage=0.05, iterations=40)
     result = run_pipeline(pair.fixed, pair.moving, options)
     used = result.report["settings"]["engine_settings_used"]
     assert used["sampling_percentage"] == 0.05 and used["iterations"] == 40
@@ -103,9 +103,9 @@ def test_overrides_reach_the_engine_and_the_report():
 
 def test_same_seed_gives_identical_transform_twice():
     pair = _pair(7, rotation_deg=10.0, translation_mm=10.0)
-    options = PipelineOptions(prealign="moments", stages=("rigid", "affine"), seed=3)
+    options = PipelineOptions.create(prealign="moments", stages=("rigid", "affine"), seed=3)
     first = run_pipeline(pair.fixed, pair.moving, options).transform
-    second = run_pipeline(pair.fixed, pair.moving, PipelineOptions(prealign="moments", stages=("rigid", "affine"), seed=3)).transform
+    second = run_pipeline(pair.fixed, pair.moving, PipelineOptions.create(prealign="moments", stages=("rigid", "affine"), seed=3)).transform
     assert transforms.to_matrix(first).tolist() == transforms.to_matrix(second).tolist()
 
 
@@ -123,7 +123,7 @@ def test_moments_prealignment_uses_foreground_not_raw_ct_values():
 
 def test_fail_verdict_triggers_fallback_to_the_other_engine_and_is_reported():
     pair = _pair(6, rotation_deg=0.0, translation_mm=0.0, flip=True)
-    options = PipelineOptions(prealign="geometry", stages=("rigid",), iterations=50)
+    options = PipelineOptions.create(prealign="geometry", stages=("rigid",), iterations=50)
     result = run_pipeline(pair.fixed, pair.moving, options)
     fallback = result.report["fallback"]
     assert fallback["used"] is True

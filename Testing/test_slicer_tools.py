@@ -535,7 +535,7 @@ def test_pipeline_with_cropvolume_and_brainsfit_puts_original_moving_volume_in_p
                                            run_sync=brainsfit, brainsfit_module="brainsfit-module")
     run = tools.SlicerToolsRun(services, "brainsfit", fixed_node, moving_node)
     nodes_before = scene.GetNumberOfNodes()
-    options = PipelineOptions(prealign="moments", stages=("rigid",), iterations=200)
+    options = PipelineOptions.create(prealign="moments", stages=("rigid",), iterations=200)
     result = tools.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
 
     # CropVolume got the plan's boxes and a spacing scale that yields the working spacing.
@@ -625,7 +625,7 @@ def test_pipeline_with_slicerelastix_uses_our_parameter_files_and_initial_transf
     services = tools.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path),
                                            elastix_logic=elastix)
     run = tools.SlicerToolsRun(services, "elastix", fixed_node, moving_node)
-    options = PipelineOptions(prealign="moments", stages=("rigid",), iterations=150)
+    options = PipelineOptions.create(prealign="moments", stages=("rigid",), iterations=150)
     result = tools.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
     call = elastix.calls[0]
     assert call["initialTransformNode"] is not None and call["force_field"] is False

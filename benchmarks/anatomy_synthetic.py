@@ -71,7 +71,7 @@ def run_case(params: dict, fixed_spacing: float, pipeline: bool, engine: str, st
         started = time.perf_counter()
         try:
             out = run_pipeline(pair.fixed, pair.moving,
-                               PipelineOptions(prealign="anatomy", engine=engine, stages=stages, seed=params["seed"],
+                               PipelineOptions.create(prealign="anatomy", engine=engine, stages=stages, seed=params["seed"],
                                                fixed_labels_task=pair.fixed_task,
                                                moving_labels_task=pair.moving_task),
                                fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels)

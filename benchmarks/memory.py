@@ -82,7 +82,7 @@ def _run_ours(method: str, case: dict, seed: int, extra: dict):
     from MultimodalPrealignLib.geometry import transforms
 
     if method == "ours-files":
-        options = pipeline.PipelineOptions(seed=seed, **extra.get("options", {}))
+        options = pipeline.PipelineOptions.create(seed=seed, **extra.get("options", {}))
         with tempfile.TemporaryDirectory(prefix="bench_out_") as out:
             started = time.perf_counter()
             result = pipeline.register_files(case["fixed"], case["moving"], Path(out) / "run", options)
@@ -95,7 +95,7 @@ def _run_ours(method: str, case: dict, seed: int, extra: dict):
     fixed = sitk.ReadImage(case["fixed"])
     moving = sitk.ReadImage(case["moving"])
     fixed_labels = moving_labels = None
-    options = pipeline.PipelineOptions(prealign=prealign_method, engine=engine, seed=seed)
+    options = pipeline.PipelineOptions.create(prealign=prealign_method, engine=engine, seed=seed)
     if labels:
         if not case.get("fixed_labels"):
             raise RuntimeError("this case has no label maps")

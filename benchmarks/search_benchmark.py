@@ -171,7 +171,7 @@ def run_pipeline(fixed, moving, fixed_small, seed, options: dict | None = None):
     """``run_pipeline`` with default options, or with ``options`` (PipelineOptions fields) changed."""
     from MultimodalPrealignLib import pipeline
 
-    result = pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions(seed=seed, **(options or {})))
+    result = pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions.create(seed=seed, **(options or {})))
     timings = result.report.get("timings_s", {})
     guard = (result.report.get("registration") or {}).get("guard")
     return transforms.to_matrix(result.transform), {"timings_s": timings, "prealign": result.prealign.method,

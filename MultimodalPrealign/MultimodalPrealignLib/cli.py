@@ -71,7 +71,7 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace):
     from .pipeline import PipelineOptions
 
-    options = PipelineOptions(prealign=args.prealign, engine=args.engine, stages=args.stages,
+    options = PipelineOptions.create(prealign=args.prealign, engine=args.engine, stages=args.stages,
                               sampling_percentage=args.sampling_percentage, iterations=args.iterations,
                               seed=args.seed, crop_margin_mm=args.crop_margin, spacing_scale=args.spacing_scale,
                               isotropic=not args.no_isotropic, fallback=not args.no_fallback,

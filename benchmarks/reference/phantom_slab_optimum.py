@@ -76,7 +76,7 @@ def run_case(case, fixed, moving, truth, points, ct15) -> dict:
                                                                                    seed=0)).transform)
     row["search_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    poses["pipeline"] = transforms.to_matrix(pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions(seed=0)).transform)
+    poses["pipeline"] = transforms.to_matrix(pipeline.run_pipeline(fixed, moving, pipeline.PipelineOptions.create(seed=0)).transform)
     row["pipeline_s"] = round(time.perf_counter() - t, 1)
     mr15, mask15 = mr_elastix_inputs(moving, foreground_mask(moving))
     for name, start in (("slab-optimum", truth), ("slab-optimum-from-pipeline", poses["pipeline"])):

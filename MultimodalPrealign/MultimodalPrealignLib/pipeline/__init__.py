@@ -7,6 +7,7 @@ MOVING physical points (LPS mm, ITK convention): pre-alignment and registration 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -14,7 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,71 +29,10 @@ from ..geometry.masks import padding_value
 from ..io import image_io, labels
 from ..progress import Progress
 from ..qa import metrics
+from .options import PipelineOptions, PipelineResult
 
 #: Files `register` writes into its output folder (re-running into a folder holding only these is allowed).
 OUTPUT_FILES = ("transform.h5", "moving_resampled.nrrd", "report.json", "report.html", "pictures")
-
-
-@dataclass
-class PipelineOptions:
-    """Every setting of a run. Defaults are what `multimodal-prealign register` uses.
-
-    ``sampling_percentage`` / ``iterations``: None = the engine's default (BRAINSFit's 0.002 / 1500 for
-    ``itk``; the preset's values for ``elastix``), recorded in report.json either way.
-    """
-
-    prealign: str = "auto"
-    engine: str = "itk"
-    stages: tuple = ("rigid", "affine")
-    sampling_percentage: float | None = None
-    iterations: int | None = None
-    seed: int = 0
-    crop_margin_mm: float = 20.0
-    spacing_scale: float = 1.0
-    isotropic: bool = True
-    max_working_voxels: int = crop.DEFAULT_MAX_WORKING_VOXELS
-    fixed_labels_task: str | None = None
-    moving_labels_task: str | None = None
-    prealign_options: dict = field(default_factory=dict)
-    #: on a FAIL verdict, retry with the next pre-alignment candidate, then the other engine
-    fallback: bool = True
-    #: metrics and verdict only: no pictures and no report.html (batch use)
-    no_report: bool = False
-
-    def registration_settings(self) -> engines.RegistrationSettings:
-        return engines.RegistrationSettings(engine=self.engine, stages=tuple(self.stages),
-                                            sampling_percentage=self.sampling_percentage,
-                                            iterations=self.iterations, seed=self.seed).validate()
-
-    def validate(self) -> PipelineOptions:
-        if self.prealign not in prealign.ALL_METHODS:
-            raise InputError(f"Unknown pre-alignment method '{self.prealign}'",
-                             "use one of " + ", ".join(prealign.ALL_METHODS))
-        self.registration_settings()
-        if self.crop_margin_mm < 0:
-            raise InputError(f"Crop margin must be >= 0 mm, got {self.crop_margin_mm}", "use e.g. --crop-margin 20")
-        if self.spacing_scale <= 0:
-            raise InputError(f"Spacing scale must be positive, got {self.spacing_scale}", "use e.g. --spacing-scale 1")
-        if self.max_working_voxels < 1000:
-            raise InputError(f"Working voxel cap too small ({self.max_working_voxels})", "use at least 1000")
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["stages"] = list(self.stages)
-        return d
-
-
-@dataclass
-class PipelineResult:
-    transform: sitk.Transform  # fixed -> moving, LPS mm, pre-alignment composed with registration
-    prealign: prealign.PrealignResult
-    crop: crop.CropPlan
-    engine: engines.EngineResult
-    report: dict
-    warnings: list
-    initial: sitk.Transform | None = None  # the initial transform of the chosen attempt (fixed -> moving)
-    structure_pairs: list | None = None  # (name, fixed_ids, moving_ids) compared in the metrics
 
 
 def _validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
@@ -169,7 +109,6 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     register_fn = register_fn or engines.register
     options = (options or PipelineOptions()).validate()
     progress = progress or Progress()
-    base_settings = options.registration_settings()
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -187,7 +126,7 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     inputs = prealign.PrealignInputs(
         fixed=fixed_f, moving=moving_f, fixed_labels=fixed_labels, moving_labels=moving_labels,
         fixed_labels_task=options.fixed_labels_task, moving_labels_task=options.moving_labels_task,
-        seed=options.seed, options=dict(options.prealign_options), progress=progress)
+        seed=options.registration.seed, options=dict(options.prealign_options), progress=progress)
     pre = prealign.run_prealign(options.prealign, inputs)
     timings["prealign"] = time.perf_counter() - t
     warnings.extend(pre.warnings)
@@ -207,7 +146,7 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     def attempt(choice, engine: str):
         label, initial = choice
         record = _AttemptResult(label, initial, engine, None, None, {})
-        settings = engines.RegistrationSettings(**{**base_settings.to_dict(), "engine": engine}).validate()
+        settings = dataclasses.replace(options.registration, engine=engine).validate()
         t0 = time.perf_counter()
         progress.report("crop", 0.4, f"cropping to the overlap ({label})")
         try:
@@ -254,10 +193,10 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
         for label, candidate in fallback.prealign_candidate_transforms(pre.candidates):
             if _distinct_pose(candidate, pre.transform, fixed_f):
                 choices.append((f"{pre.method} candidate: {label}", candidate))
-    engine_order = [options.engine]
+    engine_order = [options.registration.engine]
     if options.fallback and not custom_engine:
-        engine_order += [e for e in engines.ENGINES if e != options.engine]
-    plan_list = fallback.fallback_plan(choices, engine_order, MAX_ATTEMPTS) if options.fallback else [(choices[0], options.engine)]
+        engine_order += [e for e in engines.ENGINES if e != options.registration.engine]
+    plan_list = fallback.fallback_plan(choices, engine_order, MAX_ATTEMPTS) if options.fallback else [(choices[0], options.registration.engine)]
     qa_report, chosen, index = fallback.run_with_fallback(attempt, plan_list)
     if chosen.result is None:  # every attempt raised a registration error: report the first one
         raise RegistrationError(qa_report["error"].split(" Fix: ")[0],

@@ -571,12 +571,12 @@ def run_pipeline_with_slicer_tools(fixed, moving, options, run: SlicerToolsRun, 
                                    moving_labels=None, progress=None):
     """``pipeline.run_pipeline`` with CropVolume as the crop step and BRAINSFit/SlicerElastix as the engine.
 
-    The core validates ``options.engine`` against its own engines, so it is given 'itk' (brainsfit) or
+    The core validates ``options.registration.engine`` against its own engines, so it is given 'itk' (brainsfit) or
     'elastix'; the report names the Slicer engine actually used.
     """
     from .. import pipeline
 
-    options.engine = "elastix" if run.engine == "elastix" else "itk"
+    options.registration.engine = "elastix" if run.engine == "elastix" else "itk"
     calls = []
 
     def crop_step(*args, **kwargs):
