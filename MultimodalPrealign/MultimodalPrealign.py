@@ -666,7 +666,9 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         array = slicer.util.arrayFromVolume(volumeNode)[::4, ::4, ::4]
         import SimpleITK as sitk
 
-        task = tools.totalsegmentator_task(tools.guess_modality(sitk.GetImageFromArray(array.copy())))
+        from MultimodalPrealignLib.io import modality
+
+        task = modality.totalsegmentator_task("CT" if modality.is_ct(sitk.GetImageFromArray(array.copy())) else "MR")
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                           f"{volumeNode.GetName()} TotalSegmentator {task}")
         logic = TotalSegmentatorLogic()

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from MultimodalPrealignLib.errors import InputError
-from MultimodalPrealignLib.io import labels
+from MultimodalPrealignLib.io import labels, modality
 from MultimodalPrealignLib.prealign import totalseg
 from MultimodalPrealignLib.synthetic import phantoms
 
@@ -48,7 +48,7 @@ def test_infer_task_from_values_and_intensities(ct_and_mr):
     assert labels.infer_task(mr_labels)[0] is None  # ids 1..50 alone are ambiguous
     small = sitk.Cast(ct_labels == 5, sitk.sitkUInt16) * 5  # only liver (id 5 in both tasks)
     assert labels.infer_task(small, ct)[0] == "total"
-    assert labels.looks_like_ct(ct) and not labels.looks_like_ct(mr)
+    assert modality.is_ct(ct) and not modality.is_ct(mr)
 
 
 def test_load_multilabel_file_without_names(tmp_path, ct_and_mr):
@@ -149,12 +149,18 @@ def test_real_totalsegmentator_files_carry_their_label_table(totalseg_examples):
 
 
 # ------------------------------------------------------------------------------------------- TotalSegmentator
-def test_task_for_modality():
-    assert totalseg.task_for_modality("CT") == "total"
-    assert totalseg.task_for_modality("mr_t2") == "total_mr"
-    assert totalseg.task_for_modality("MR") == "total_mr"
-    with pytest.raises(InputError):
-        totalseg.task_for_modality("pet")
+def test_one_modality_rule_and_its_totalsegmentator_task():
+    assert modality.totalsegmentator_task("CT") == "total"
+    assert modality.totalsegmentator_task("mr_t2") == "total_mr"
+    assert modality.totalsegmentator_task("MR") == "total_mr"
+    assert modality.totalsegmentator_task("t1") == "total_mr"
+    with pytest.raises(InputError, match="No TotalSegmentator task for modality 'pet'"):
+        modality.totalsegmentator_task("pet")
+    ct = sitk.GetImageFromArray(np.full((4, 4, 4), -1000, np.int16))
+    mr = sitk.GetImageFromArray(np.full((4, 4, 4), 200, np.int16))
+    assert modality.image_modality(ct) == "CT" and modality.image_modality(mr) == "MR"
+    mr.SetMetaData("0008|0060", "CT")  # the DICOM Modality tag wins over the intensities
+    assert modality.image_modality(mr) == "CT"
 
 
 def test_missing_weights_message_names_both_variables(tmp_path, monkeypatch):

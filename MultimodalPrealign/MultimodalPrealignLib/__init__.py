@@ -6,5 +6,4 @@ in LPS millimetres, unless a name or docstring says otherwise.
 """
 
 
-
 __version__ = "0.1.0"

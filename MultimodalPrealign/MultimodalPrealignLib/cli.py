@@ -144,7 +144,7 @@ def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
     fixed_labels, moving_labels = args.fixed_labels, args.moving_labels
     if not args.segment:
         return fixed_labels, moving_labels
-    from .io import image_io, labels
+    from .io import image_io, modality
     from .prealign import totalseg
 
     for which in ("fixed", "moving"):
@@ -152,8 +152,7 @@ def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
             continue
         path = getattr(args, which)
         image = image_io.load_image(path, f"{which} image")
-        modality = "ct" if labels.looks_like_ct(image) else "mr"
-        task = totalseg.task_for_modality(modality)
+        task = modality.totalsegmentator_task("CT" if modality.is_ct(image) else "MR")
         target = scratch / f"{which}_labels_{task}.nii.gz"
         totalseg.segment(path, task, fast=args.fast_segment, out_path=target)
         setattr(args, f"{which}_labels_task", getattr(args, f"{which}_labels_task") or task)

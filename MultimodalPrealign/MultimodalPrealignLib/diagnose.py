@@ -17,44 +17,19 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import image_space, transforms
-from .geometry.masks import foreground_mask, padding_value
-from .resource_files import load_resource_json
+from .geometry import image_space, resample, transforms
+from .geometry.masks import foreground_mask
+from .io.modality import MODALITY_KEYS, guess_modality, intensity_summary, metadata, rules
 
 AXIS_NAMES = ("left-right", "anterior-posterior", "head-feet")
-AXIS_LETTERS = ("L", "P", "S")
 #: Metadata keys that carry DICOM information into an image (dicom_series sets them; GDCM sets the tags).
 PATIENT_POSITION_KEYS = ("MultimodalPrealign.patient_position", "0018|5100")
-MODALITY_KEYS = ("MultimodalPrealign.modality", "0008|0060")
 VOLUME_KEY = "MultimodalPrealign.dicom_volume"
 POSITION_NAMES = {"HF": "head-first", "FF": "feet-first"}
 LIE_NAMES = {"S": "supine", "P": "prone", "DL": "decubitus left", "DR": "decubitus right"}
 
 
-def rules() -> dict:
-    """Advice thresholds from ``resources/diagnostics_rules.json`` (keys starting with '_' dropped)."""
-    data = load_resource_json("diagnostics_rules.json")
-    return {k: v for k, v in data.items() if not k.startswith("_")}
-
-
 # ------------------------------------------------------------------------------------------ one image
-
-
-def working_copy(image: sitk.Image, target_mm: float) -> sitk.Image:
-    """Float32 box-averaged copy at about ``target_mm`` (integer shrink factors; never finer than the input)."""
-    factors = [min(max(1, int(math.floor(target_mm / s + 1e-6))), max(1, n // 2))
-               for s, n in zip(image.GetSpacing(), image.GetSize())]
-    work = sitk.BinShrink(image, factors) if max(factors) > 1 else image
-    return sitk.Cast(work, sitk.sitkFloat32)
-
-
-def _metadata(image: sitk.Image, keys) -> str | None:
-    for key in keys:
-        if image.HasMetaDataKey(key):
-            value = image.GetMetaData(key).strip()
-            if value:
-                return value
-    return None
 
 
 def orientation_info(image: sitk.Image) -> dict:
@@ -69,43 +44,6 @@ def orientation_info(image: sitk.Image) -> dict:
     k_axis = int(np.argmax(np.abs(d[:, 2])))
     plane = ("sagittal", "coronal", "axial")[k_axis]
     return {"axes_point_to": letters, "slice_plane": plane, "oblique_deg": round(worst, 2)}
-
-
-def intensity_summary(image: sitk.Image, settings: dict) -> dict:
-    """Min/max over all voxels, percentiles, air fraction and padding value over an even subsample."""
-    array = sitk.GetArrayViewFromImage(image)
-    step = max(1, int(math.ceil((array.size / float(settings["intensity_max_samples"])) ** (1 / 3))))
-    sample = np.asarray(array[::step, ::step, ::step], dtype=np.float64).ravel()
-    p1, p50, p99 = np.percentile(sample, [1, 50, 99])
-    air = np.mean((sample >= settings["ct_air_hu_low"]) & (sample <= settings["ct_air_hu_high"]))
-    return {
-        "min": float(array.min()), "max": float(array.max()),
-        "p1": round(float(p1), 3), "median": round(float(p50), 3), "p99": round(float(p99), 3),
-        "air_fraction_hu": round(float(air), 4),
-        "padding_value": padding_value(image[::step, ::step, ::step]),
-    }
-
-
-def guess_modality(intensity: dict, dicom_modality: str | None, settings: dict) -> dict:
-    """'CT', 'MR' or 'unknown', from the DICOM Modality tag when known, else from the intensities.
-
-    CT: values reach below ``ct_min_value`` and either a share of the voxels sits at air (-1000 HU) or
-    a padding value below -1000 exists. MR: the 1st percentile is at least ``mr_min_value`` and nothing
-    reaches ``ct_min_value`` (interpolated MR may dip slightly below 0). A CT stored without its
-    rescale intercept (values 0..4095) looks like MR to this rule.
-    """
-    if dicom_modality:
-        guess = dicom_modality.upper() if dicom_modality.upper() in ("CT", "MR", "PT", "US") else dicom_modality
-        return {"guess": guess, "source": "DICOM Modality tag"}
-    pad = intensity.get("padding_value")
-    air = intensity["air_fraction_hu"] >= settings["ct_min_air_fraction"]
-    if intensity["min"] < settings["ct_min_value"] and (air or (pad is not None and pad <= -1000)):
-        return {"guess": "CT", "source": "intensities",
-                "reason": f"Hounsfield-like: {100 * intensity['air_fraction_hu']:.0f}% of voxels at air (-1000)"}
-    if intensity["p1"] >= settings["mr_min_value"] and intensity["min"] > settings["ct_min_value"]:
-        return {"guess": "MR", "source": "intensities", "reason": "(almost) no negative values, no air at -1000"}
-    return {"guess": "unknown", "source": "intensities",
-            "reason": "negative values without Hounsfield air; cannot tell"}
 
 
 def foreground_summary(work: sitk.Image) -> dict:
@@ -129,9 +67,9 @@ def foreground_summary(work: sitk.Image) -> dict:
 
 def describe(image: sitk.Image, role: str, settings: dict, work: sitk.Image | None = None) -> dict:
     """Everything ``diagnose_pair`` reports about one image (JSON-ready)."""
-    work = work if work is not None else working_copy(image, settings["working_copy_spacing_mm"])
+    work = work if work is not None else resample.box_average_copy(image, settings["working_copy_spacing_mm"])
     intensity = intensity_summary(image, settings)
-    dicom_modality = _metadata(image, MODALITY_KEYS)
+    dicom_modality = metadata(image, MODALITY_KEYS)
     out = {
         "role": role,
         "size": list(image.GetSize()),
@@ -142,8 +80,8 @@ def describe(image: sitk.Image, role: str, settings: dict, work: sitk.Image | No
         "bounding_box_lps": image_space.bounding_box(image).to_dict(),
         "center_mm_lps": [round(float(v), 3) for v in image_space.image_center(image)],
         "orientation": orientation_info(image),
-        "patient_position": _metadata(image, PATIENT_POSITION_KEYS),
-        "dicom_volume": _metadata(image, (VOLUME_KEY,)),
+        "patient_position": metadata(image, PATIENT_POSITION_KEYS),
+        "dicom_volume": metadata(image, (VOLUME_KEY,)),
         "intensity": intensity,
         "modality": guess_modality(intensity, dicom_modality, settings),
         "foreground": foreground_summary(work),
@@ -222,8 +160,8 @@ def diagnose_pair(fixed: sitk.Image, moving: sitk.Image, prealigned_fixed_to_mov
     started = time.perf_counter()
     settings = rules()
     check_3d(fixed, moving)
-    fixed_work = working_copy(fixed, settings["working_copy_spacing_mm"])
-    moving_work = working_copy(moving, settings["working_copy_spacing_mm"])
+    fixed_work = resample.box_average_copy(fixed, settings["working_copy_spacing_mm"])
+    moving_work = resample.box_average_copy(moving, settings["working_copy_spacing_mm"])
     out = {
         "fixed": describe(fixed, "fixed", settings, fixed_work),
         "moving": describe(moving, "moving", settings, moving_work),

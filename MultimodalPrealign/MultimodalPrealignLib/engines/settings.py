@@ -18,6 +18,24 @@ def itk_preset() -> dict:
     return {k: v for k, v in json.loads(load_resource_text("presets", "itk.json")).items() if not k.startswith("_")}
 
 
+def check_stages(stages, option: str = "--stages ") -> tuple:
+    """``stages`` as a tuple, in the order rigid, affine, bspline without repeats; else InputError.
+
+    ``option``: how the fix names the setting (``--stages `` on the command line, empty in the Slicer panel).
+    """
+    stages = tuple(stages)
+    if not stages:
+        raise InputError("No registration stage given", f"use e.g. {option}rigid,affine")
+    for stage in stages:
+        if stage not in STAGES:
+            raise InputError(f"Unknown stage '{stage}'", "use stages from: rigid, affine, bspline (comma separated)")
+    order = [STAGES.index(s) for s in stages]
+    if order != sorted(order) or len(set(stages)) != len(stages):
+        raise InputError(f"Stages must run in the order rigid, affine, bspline without repeats, got {','.join(stages)}",
+                         f"use e.g. {option}rigid,affine or {option}rigid,affine,bspline")
+    return stages
+
+
 @dataclass
 class RegistrationSettings:
     """Settings both engines understand. ``None`` means the engine's own default (recorded in the report).
@@ -39,16 +57,7 @@ class RegistrationSettings:
     def validate(self) -> RegistrationSettings:
         if self.engine not in ENGINES:
             raise InputError(f"Unknown engine '{self.engine}'", "use --engine itk or --engine elastix")
-        stages = tuple(self.stages)
-        if not stages:
-            raise InputError("No registration stage given", "use e.g. --stages rigid,affine")
-        for stage in stages:
-            if stage not in STAGES:
-                raise InputError(f"Unknown stage '{stage}'", "use stages from: rigid, affine, bspline (comma separated)")
-        order = [STAGES.index(s) for s in stages]
-        if order != sorted(order) or len(set(stages)) != len(stages):
-            raise InputError(f"Stages must run in the order rigid, affine, bspline without repeats, got {','.join(stages)}",
-                             "use e.g. --stages rigid,affine or --stages rigid,affine,bspline")
+        stages = check_stages(self.stages)
         if self.sampling_percentage is not None and not (0 < self.sampling_percentage <= 1):
             raise InputError(f"Sampling percentage must be in (0, 1], got {self.sampling_percentage}",
                              "use e.g. --sampling-percentage 0.002 (BRAINSFit's default) or 0.05")

@@ -14,8 +14,6 @@ import SimpleITK as sitk
 
 from .transforms import transform_points
 
-PATIENT_AXES = ("L", "P", "S")  # +x, +y, +z of LPS
-
 
 @dataclass(frozen=True)
 class Box:

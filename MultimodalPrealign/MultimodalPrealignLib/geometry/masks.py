@@ -22,19 +22,6 @@ def padding_value(image: sitk.Image) -> float | None:
     return None
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Two-class Otsu threshold of ``values``."""
-    hist, edges = np.histogram(values, bins=bins)
-    hist = hist.astype(float)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1e-12)
-    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1e-12)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centers[int(np.argmax(between[:-1]))])
-
-
 def otsu_thresholds_3class(values: np.ndarray, bins: int = 128) -> tuple[float, float]:
     """The two thresholds of a three-class Otsu split (background / tissue / bright tissue or bone)."""
     hist, edges = np.histogram(values, bins=bins)

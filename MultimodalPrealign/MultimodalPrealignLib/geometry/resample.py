@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -115,3 +117,23 @@ def resample_onto(moving: sitk.Image, reference: sitk.Image, fixed_to_moving: si
     """``moving`` resampled on ``reference``'s grid through ``fixed_to_moving`` (ITK convention)."""
     return sitk.Resample(moving, reference, fixed_to_moving, interpolator, float(default_value),
                          moving.GetPixelID() if pixel_id is None else pixel_id)
+
+
+def box_average_copy(image: sitk.Image, target_mm: float) -> sitk.Image:
+    """Float32 box-averaged copy at about ``target_mm`` (integer shrink factors; never finer than the input).
+
+    Fast and coarse: the diagnostics' working copies."""
+    factors = [min(max(1, int(math.floor(target_mm / s + 1e-6))), max(1, n // 2))
+               for s, n in zip(image.GetSpacing(), image.GetSize())]
+    work = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+    return sitk.Cast(work, sitk.sitkFloat32)
+
+
+def coarse_copy(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Float32 copy no finer than ``spacing_mm`` per axis (anti-aliased resampling); the image itself (as
+    float32) if already that coarse. The metrics' and pictures' working copies."""
+    image = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if np.all(spacing >= spacing_mm * 0.999):
+        return image
+    return resample_to_spacing(image, np.maximum(spacing, spacing_mm).tolist())

@@ -16,7 +16,10 @@ import numpy as np
 import SimpleITK as sitk
 
 #: Diagonal flip between LPS (ITK, DICOM) and RAS (Slicer): x and y change sign.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Sign flips of x and y between LPS (ITK, DICOM) and RAS (Slicer); the flip is its own inverse.
+LPS_RAS_SIGNS = np.array([-1.0, -1.0, 1.0])
+#: The same flip as a 4x4 homogeneous matrix.
+LPS_TO_RAS = np.diag([*LPS_RAS_SIGNS, 1.0])
 
 _LINEAR_NAMES = {
     "AffineTransform", "Euler3DTransform", "VersorRigid3DTransform", "VersorTransform",

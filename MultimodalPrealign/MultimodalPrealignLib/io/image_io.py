@@ -12,8 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-
-IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+from . import dicom_series
 
 #: Relative tolerance when comparing two grids (origin in mm, spacing, direction cosines).
 GRID_TOLERANCE = 1e-3
@@ -25,23 +24,7 @@ def _describe(path: Path) -> str:
 
 def _read_dicom_directory(path: Path) -> sitk.Image:
     """Read the single volume in a DICOM folder. Series checks live in ``dicom_series``."""
-    try:
-        from . import dicom_series  # optional stage module (pydicom based)
-    except ImportError:  # pragma: no cover - the module ships with the package
-        dicom_series = None
-    if dicom_series is not None and hasattr(dicom_series, "read_dicom_volume"):
-        return dicom_series.read_dicom_volume(path)
-    reader = sitk.ImageSeriesReader()
-    series_ids = reader.GetGDCMSeriesIDs(str(path))
-    if not series_ids:
-        raise InputError(f"No DICOM series found in folder {_describe(path)}",
-                         "point --fixed/--moving at a folder of DICOM files or at an image file (.nrrd, .nii.gz, .mha)")
-    if len(series_ids) > 1:
-        raise InputError(f"Folder {_describe(path)} holds {len(series_ids)} DICOM series",
-                         "put each series in its own folder, or pass one series folder")
-    files = reader.GetGDCMSeriesFileNames(str(path), series_ids[0])
-    reader.SetFileNames(files)
-    return reader.Execute()
+    return dicom_series.read_dicom_volume(path)
 
 
 def read_image_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
@@ -134,20 +117,6 @@ def check_label_grid(labels: sitk.Image, image: sitk.Image, label_name: str, ima
             "output for it), or resample it onto the image grid with nearest-neighbour interpolation",
         )
     return labels
-
-
-def load_label_map(path: str | os.PathLike, reference: sitk.Image, label_name: str, image_name: str) -> sitk.Image:
-    """Read an integer label map file that must sit on ``reference``'s grid. Returns UInt16 labels."""
-    labels = check_image(read_image_file(path, label_name), label_name, allow_labels=True)
-    array = sitk.GetArrayViewFromImage(labels)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise InputError(f"The {label_name} holds non-integer values",
-                             "give an integer label map (e.g. TotalSegmentator's --ml output)")
-    if float(array.min()) < 0:
-        raise InputError(f"The {label_name} holds negative values", "give a label map with labels >= 0")
-    check_label_grid(labels, reference, label_name, image_name)
-    return sitk.Cast(labels, sitk.sitkUInt16)
 
 
 def as_float32(image: sitk.Image) -> sitk.Image:

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..resource_files import load_resource_json
 from .image_io import check_image, check_label_grid, read_image_file
+from .modality import is_ct
 
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -169,14 +170,6 @@ def infer_task_from_names(names, preferred_modality: str | None = None) -> tuple
     return best[1], best[2]
 
 
-def looks_like_ct(image: sitk.Image) -> bool:
-    """True when intensities look like Hounsfield units (plenty of air at about -1000)."""
-    array = sitk.GetArrayViewFromImage(image)
-    step = max(1, array.size // 500_000)
-    values = np.asarray(array).ravel()[::step].astype(np.float32)
-    return bool(np.mean(values < -700) > 0.01 and np.percentile(values, 1) < -500)
-
-
 def infer_task(labels: sitk.Image, image: sitk.Image | None = None,
                table: dict[int, str] | None = None) -> tuple[str | None, str]:
     """Guess the TotalSegmentator task of a label image. Returns (task or None, reason).
@@ -186,7 +179,7 @@ def infer_task(labels: sitk.Image, image: sitk.Image | None = None,
     """
     modality = None
     if image is not None:
-        modality = "ct" if looks_like_ct(image) else "mr"
+        modality = "ct" if is_ct(image) else "mr"
     if table:
         task, missing = infer_task_from_names(table.values(), modality)
         if task is not None:
@@ -236,7 +229,7 @@ def labels_from_masks(masks: dict, reference: sitk.Image, task: str | None = Non
     """
     if not masks:
         raise InputError(f"The {name} hold no masks", "give TotalSegmentator masks named after their structures")
-    modality = "ct" if looks_like_ct(reference) else "mr"
+    modality = "ct" if is_ct(reference) else "mr"
     if task is None:
         task, missing = infer_task_from_names(masks.keys(), modality)
         if task is None:
@@ -275,7 +268,7 @@ def load_mask_folder(folder: str | os.PathLike, reference: sitk.Image, name: str
                          "point it at TotalSegmentator's output folder (liver.nii.gz, spleen.nii.gz, ...) "
                          "or at a multi-label file")
     if task is None:
-        modality = "ct" if looks_like_ct(reference) else "mr"
+        modality = "ct" if is_ct(reference) else "mr"
         task, _ = infer_task_from_names([_mask_name(p) for p in files], modality)
         if task is None:
             raise InputError(f"No file in {name} '{folder}' is named after a TotalSegmentator structure",

@@ -28,9 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..geometry.transforms import transform_points
-
-_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
+from ..geometry.transforms import LPS_RAS_SIGNS, transform_points
 
 
 @dataclass
@@ -55,7 +53,7 @@ class LandmarkPairs:
 
 def _to_lps(points: np.ndarray, system: str) -> np.ndarray:
     points = np.asarray(points, dtype=float).reshape(-1, 3)
-    return points * _RAS_TO_LPS if system == "RAS" else points
+    return points * LPS_RAS_SIGNS if system == "RAS" else points
 
 
 def _system_name(value, path: Path) -> str:

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from .. import __version__, crop, diagnose, engines, prealign
 from ..engines.guards import registration_guard
 from ..errors import InputError, RegistrationError
-from ..geometry import image_space, transforms
+from ..geometry import image_space, resample, transforms
 from ..geometry.masks import padding_value
 from ..io import image_io, labels
 from ..progress import Progress
@@ -137,7 +137,7 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     timings["diagnose"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fixed_qa, moving_qa = measure.working_copy(fixed_f, QA_SPACING_MM), measure.working_copy(moving_f, QA_SPACING_MM)
+    fixed_qa, moving_qa = resample.coarse_copy(fixed_f, QA_SPACING_MM), resample.coarse_copy(moving_f, QA_SPACING_MM)
     pairs = None
     if fixed_labels is not None and moving_labels is not None:
         pairs = metrics.structure_pairs(options.fixed_labels_task, options.moving_labels_task)

@@ -124,12 +124,12 @@ def _index_to_physical(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure_structures(labels: sitk.Image, value_to_name: dict[int, str], max_points: int = 4000,
-                       seed: int = 0, chunk_voxels: int = 4_000_000) -> dict[str, Structure]:
+                       chunk_voxels: int = 4_000_000) -> dict[str, Structure]:
     """Centroid, volume, principal axes, touched borders and point samples of every named structure.
 
     Works slab by slab (``chunk_voxels`` voxels at a time) so that large CT label maps stay cheap in
     memory; each structure keeps a systematic sample (every n-th voxel) of at most ``max_points`` voxel
-    centres. Deterministic; ``seed`` is unused and kept for the signature.
+    centres. Deterministic.
     """
     array = sitk.GetArrayViewFromImage(labels)
     names = sorted(set(value_to_name.values()))
@@ -752,8 +752,8 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     moving_names = label_io.names_in(inputs.moving_labels, moving_task)
     fixed_map, moving_map = canonical_maps(fixed_names, moving_names)
     progress.report("prealign", 0.0, "anatomy: measuring structures")
-    fixed_structures = measure_structures(inputs.fixed_labels, fixed_map, settings["max_points"], inputs.seed)
-    moving_structures = measure_structures(inputs.moving_labels, moving_map, settings["max_points"], inputs.seed)
+    fixed_structures = measure_structures(inputs.fixed_labels, fixed_map, settings["max_points"])
+    moving_structures = measure_structures(inputs.moving_labels, moving_map, settings["max_points"])
     pairs, one_side = build_pairs(fixed_structures, moving_structures, settings)
     excluded_shared = sorted(set(fixed_names.values()) & set(moving_names.values())
                              & set(correspondence().get("excluded", [])))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import SimpleITK as sitk
 
@@ -23,8 +22,6 @@ class PrealignInputs:
     seed: int = 0
     options: dict = field(default_factory=dict)  # method-specific settings (e.g. search budget)
     progress: Progress = SILENT
-    #: Optional rigid refinement hook (set by the pipeline): refine(fixed, moving, initial) -> transform.
-    refine: Callable | None = None
 
 
 @dataclass

@@ -29,7 +29,7 @@ How (all poses are rigid, fixed->moving, physical LPS mm):
 Every candidate and score goes into ``PrealignResult.candidates``. Settings: ``resources/presets/
 search.json``, overridden by ``PrealignInputs.options``. Deterministic for a given seed; the search
 checks its time budget (``budget_s``, CPU seconds) between steps and stops early (keeping the best so
-far) when it runs out. ``PrealignInputs.refine`` is not used (the refinement is done here).
+far) when it runs out.
 """
 
 from __future__ import annotations

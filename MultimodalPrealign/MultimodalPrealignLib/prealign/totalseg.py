@@ -22,19 +22,6 @@ import SimpleITK as sitk
 from ..errors import InputError, RegistrationError
 from ..resource_files import load_resource_json
 
-#: Task that TotalSegmentator runs for each modality.
-TASK_FOR_MODALITY = {"ct": "total", "mr": "total_mr"}
-
-
-def task_for_modality(modality: str) -> str:
-    """TotalSegmentator task for an image modality: "ct" -> "total", "mr" (any MR weighting) -> "total_mr"."""
-    key = (modality or "").strip().lower()
-    if key.startswith("mr") or key in ("t1", "t2", "flair", "pd", "dwi", "mri"):
-        key = "mr"
-    if key not in TASK_FOR_MODALITY:
-        raise InputError(f"No TotalSegmentator task for modality '{modality}'", "use ct or mr")
-    return TASK_FOR_MODALITY[key]
-
 
 def is_installed() -> bool:
     """True when the ``totalsegmentator`` package can be imported (without importing torch)."""

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from ..geometry import transforms as tx
 from ..geometry.image_space import grid_points, inside_image
-from ..geometry.resample import resample_to_spacing
+from ..geometry.resample import coarse_copy
 from ..geometry.transforms import transform_points
 from ..io.landmarks import LandmarkPairs, target_registration_error
 from .metrics import (
@@ -28,15 +28,6 @@ from .metrics import (
     structure_metrics,
 )
 from .verdict import load_thresholds
-
-
-def working_copy(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Float32 copy no finer than ``spacing_mm`` per axis (anti-aliased); the image itself if already coarse."""
-    image = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
-    spacing = np.asarray(image.GetSpacing(), dtype=float)
-    if np.all(spacing >= spacing_mm * 0.999):
-        return image
-    return resample_to_spacing(image, np.maximum(spacing, spacing_mm).tolist())
 
 
 def linear_part_matrix(transform: sitk.Transform) -> np.ndarray | None:
@@ -140,8 +131,8 @@ def evaluate(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, afte
     """
     started = time.perf_counter()
     t = thresholds or load_thresholds()
-    fixed_work = working_copy(fixed, working_spacing_mm)
-    moving_work = working_copy(moving, working_spacing_mm)
+    fixed_work = coarse_copy(fixed, working_spacing_mm)
+    moving_work = coarse_copy(moving, working_spacing_mm)
     metrics: dict = {"before": alignment_metrics(fixed_work, moving_work, before),
                      "after": alignment_metrics(fixed_work, moving_work, after),
                      "working_spacing_mm": working_spacing_mm}
@@ -159,8 +150,8 @@ def evaluate(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, afte
     if check is not None:
         metrics["transform"] = check
     if probes:
-        fixed_probe = working_copy(fixed_work, probe_spacing_mm)
-        moving_probe = working_copy(moving_work, probe_spacing_mm)
+        fixed_probe = coarse_copy(fixed_work, probe_spacing_mm)
+        moving_probe = coarse_copy(moving_work, probe_spacing_mm)
         metrics["probes"] = run_probes(fixed_probe, moving_probe, after, float(t["probes"]["shift_mm"]))
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics

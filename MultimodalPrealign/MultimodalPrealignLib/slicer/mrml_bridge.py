@@ -29,8 +29,8 @@ from ..errors import InputError
 from ..geometry import transforms
 from ..geometry.image_space import Box
 
-#: x and y flip between LPS and RAS (3x3).
-FLIP_XY = np.diag([-1.0, -1.0, 1.0])
+#: x and y flip between LPS and RAS (3x3), from geometry.transforms.
+FLIP_XY = transforms.LPS_TO_RAS[:3, :3]
 
 #: CropVolume interpolation modes (vtkMRMLCropVolumeParametersNode).
 CROP_INTERPOLATION = {"nearest": 1, "linear": 2, "windowedsinc": 3, "bspline": 4}

@@ -27,10 +27,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..engines.settings import check_stages
 from ..errors import InputError, RegistrationError
 
 LINEAR_STAGES = ("rigid", "affine")
-STAGES = ("rigid", "affine", "bspline")
 
 # ------------------------------------------------------------------------------------------------ BRAINSFit
 
@@ -75,7 +75,7 @@ def brainsfit_parameters(fixed_volume_id: str, moving_volume_id: str, output_tra
     (``linearTransform`` is invalid then). ``sampling_percentage`` and ``iterations`` left None keep
     BRAINSFit's defaults (0.002, 1500).
     """
-    stages = check_stages(stages)
+    stages = check_stages(stages, option="")
     params: dict = {
         "fixedVolume": fixed_volume_id,
         "movingVolume": moving_volume_id,
@@ -113,19 +113,6 @@ def brainsfit_parameters(fixed_volume_id: str, moving_volume_id: str, output_tra
     if output_volume_id:
         params["outputVolume"] = output_volume_id
     return params
-
-
-def check_stages(stages) -> tuple:
-    stages = tuple(stages)
-    if not stages:
-        raise InputError("No registration stage given", "choose rigid, affine and/or bspline")
-    for stage in stages:
-        if stage not in STAGES:
-            raise InputError(f"Unknown stage '{stage}'", "use stages from: rigid, affine, bspline")
-    if [STAGES.index(s) for s in stages] != sorted(STAGES.index(s) for s in set(stages)):
-        raise InputError(f"Stages must run in the order rigid, affine, bspline without repeats, got {','.join(stages)}",
-                         "use e.g. rigid,affine")
-    return stages
 
 
 def translate_brainsfit_failure(error_text: str, output_text: str = "", status: str = "") -> RegistrationError:
@@ -217,7 +204,7 @@ def write_elastix_parameter_files(folder, stages, sampling_percentage: Optional[
     SlicerElastix's ``registerVolumes(parameterFilenames=...)`` joins names to its own database folder;
     absolute paths pass through ``os.path.join`` unchanged, with old and new SlicerElastix versions.
     """
-    stages = check_stages(stages)
+    stages = check_stages(stages, option="")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -307,27 +294,8 @@ def run_elastix(elastix_logic, fixed_volume_node, moving_volume_node, parameter_
 
 # ---------------------------------------------------------------------------------------- TotalSegmentator
 
-#: TotalSegmentator task per modality (``total`` = CT, 117 classes; ``total_mr`` = MR, 50 classes).
-TOTALSEGMENTATOR_TASKS = {"CT": "total", "MR": "total_mr"}
-
 TOTALSEGMENTATOR_INSTALL_HINT = ("Install the TotalSegmentator extension (View > Extensions Manager > search "
                                  "'TotalSegmentator'), restart Slicer, then segment with the buttons here")
-
-
-def totalsegmentator_task(modality: str) -> str:
-    key = (modality or "").upper()
-    if key not in TOTALSEGMENTATOR_TASKS:
-        raise InputError(f"Unknown modality '{modality}' for TotalSegmentator", "use CT (task total) or MR (task total_mr)")
-    return TOTALSEGMENTATOR_TASKS[key]
-
-
-def guess_modality(image) -> str:
-    """'CT' when the image holds Hounsfield-like air values (1st percentile <= -500), else 'MR'."""
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayViewFromImage(image)
-    step = max(1, array.size // 200_000)
-    return "CT" if float(np.percentile(array.ravel()[::step], 1)) <= -500 else "MR"
 
 
 def totalsegmentator_process_kwargs(process: Callable, task: str, fast: bool = False, cpu: bool = False) -> dict:
@@ -497,7 +465,7 @@ class SlicerToolsRun:
 
         if self.fixed_crop_node is None or self.moving_crop_node is None:
             raise RuntimeError("SlicerToolsRun.register called before crop")
-        stages = check_stages(settings.stages)
+        stages = check_stages(settings.stages, option="")
         linear = stages[-1] != "bspline"
         started = time.perf_counter()
         if progress is not None:

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 from ..geometry import transforms
 from ..geometry.image_space import Box, inside_image
 from ..geometry.resample import grid_for_box
+from ..io.modality import totalsegmentator_task
 from ..resource_files import load_resource_json
 
 MODALITIES = ("ct", "mr", "mr_t1", "mr_t2")
@@ -159,15 +160,6 @@ def phantom_shapes() -> tuple[Shape, ...]:
 @cache
 def _phantom_meta() -> dict:
     return load_resource_json("phantom_torso.json")
-
-
-def structure_names() -> list[str]:
-    """Distinct TotalSegmentator (`total`) names of the labelled phantom structures, in painting order."""
-    seen: list[str] = []
-    for s in phantom_shapes():
-        if not s.name.startswith("_") and s.name not in seen:
-            seen.append(s.name)
-    return seen
 
 
 def body_box() -> Box:
@@ -488,10 +480,6 @@ def _present(labels: sitk.Image, task: str) -> list[str]:
     return sorted(names[int(v)] for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)
 
 
-def task_for_modality(modality: str) -> str:
-    return "total" if _modality_key(modality) == "ct" else "total_mr"
-
-
 def make_pair(seed: int = 0, fixed_modality: str = "ct", moving_modality: str = "mr", rotation_deg: float = 10.0,
               translation_mm: float = 15.0, flip: bool = False, affine_scale: float = 0.0,
               moving_fov: str = "full", slab_fraction: float = 0.35, fixed_spacing=(2.0, 2.0, 2.0),
@@ -519,8 +507,8 @@ def make_pair(seed: int = 0, fixed_modality: str = "ct", moving_modality: str = 
     fixed_box = _region(fixed_fov, slab_fraction, slab_center_z_mm)
     fixed_grid = grid_for_box(fixed_box, fixed_spacing)
     moving_grid = grid_for_box(_moving_box(true, moving_fov, slab_fraction, slab_center_z_mm), moving_spacing)
-    fixed_task = task_for_modality(fixed_modality) if labels else None
-    moving_task = task_for_modality(moving_modality) if labels else None
+    fixed_task = totalsegmentator_task(_modality_key(fixed_modality)) if labels else None
+    moving_task = totalsegmentator_task(_modality_key(moving_modality)) if labels else None
     seeds = rng.integers(0, 2**31 - 1, size=2)
 
     def bias_for(modality: str) -> float:
