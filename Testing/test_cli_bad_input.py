@@ -146,12 +146,13 @@ def test_output_folder_with_other_content(capsys, good_pair, tmp_path):
 
 
 def test_failure_mid_run_leaves_no_partial_outputs(capsys, good_pair, tmp_path, monkeypatch):
-    from MultimodalPrealignLib import pipeline
+    from MultimodalPrealignLib.errors import InputError
+    from MultimodalPrealignLib.io import image_io
 
     def broken_write(*args, **kwargs):
-        raise pipeline.InputError("Disk full while writing", "free some space")
+        raise InputError("Disk full while writing", "free some space")
 
-    monkeypatch.setattr(pipeline.image_io, "write_image", broken_write)
+    monkeypatch.setattr(image_io, "write_image", broken_write)
     out = tmp_path / "out"
     code, err = _run(capsys, *_register(good_pair[0], good_pair[1], out, "--stages", "rigid", "--prealign", "geometry"))
     assert code == 2 and "Disk full" in err

@@ -192,8 +192,8 @@ def test_phantom_pair_numbers_and_advice(phantom_pair):
     assert d["moving"]["extent_mm_lps"] == pytest.approx([256.0, 256.0, 235.0], abs=1e-3)
     assert d["ratios"]["extent_ratio_moving_over_fixed"] == pytest.approx([1.28, 1.28, 235 / 255.625], abs=1e-3)
     assert d["ratios"]["spacing_ratio_moving_over_fixed"] == pytest.approx([1.28, 1.28, 4.0], abs=1e-3)
-    assert d["ratios"]["voxel_volume_ratio_moving_over_fixed"] == pytest.approx((0.5 * 0.5 * 2.5) / (0.390625**2 * 0.625),
-                                                                                 rel=1e-3)
+    assert d["ratios"]["voxel_volume_ratio_moving_over_fixed"] == pytest.approx(
+        (0.5 * 0.5 * 2.5) / (0.390625**2 * 0.625), rel=1e-3)
     ct_box, mr_box = file_box(ct_path), file_box(mr_path)
     ct_axes, ct_share = expected_overlap(ct_box, mr_box)
     mr_axes, mr_share = expected_overlap(mr_box, ct_box)

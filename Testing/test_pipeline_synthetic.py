@@ -105,7 +105,8 @@ def test_same_seed_gives_identical_transform_twice():
     pair = _pair(7, rotation_deg=10.0, translation_mm=10.0)
     options = PipelineOptions.create(prealign="moments", stages=("rigid", "affine"), seed=3)
     first = run_pipeline(pair.fixed, pair.moving, options).transform
-    second = run_pipeline(pair.fixed, pair.moving, PipelineOptions.create(prealign="moments", stages=("rigid", "affine"), seed=3)).transform
+    again = PipelineOptions.create(prealign="moments", stages=("rigid", "affine"), seed=3)
+    second = run_pipeline(pair.fixed, pair.moving, again).transform
     assert transforms.to_matrix(first).tolist() == transforms.to_matrix(second).tolist()
 
 

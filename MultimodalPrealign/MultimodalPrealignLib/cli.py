@@ -265,19 +265,15 @@ def add_diagnose_command(subparsers) -> None:
     p.set_defaults(handler=run_diagnose)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="multimodal-prealign",
-                           description="Pre-align, crop and register CT/MR pairs that differ a lot; explain the result.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    sub.required = True
-
-    reg = sub.add_parser("register", help="register MOVING to FIXED and write transform.h5, "
-                         "moving_resampled.nrrd, report.json", description=(
-                             "Register MOVING to FIXED. Writes DIR/transform.h5 (ITK transform mapping FIXED physical "
-                             "LPS points to MOVING points; apply it to the moving volume in Slicer), "
-                             "DIR/moving_resampled.nrrd, DIR/report.json, DIR/report.html and DIR/pictures/. "
-                             "Exit codes: 0 verdict PASS or WARN, 4 verdict FAIL, 2 bad input, 3 a stage failed."))
+def add_register_command(subparsers) -> None:
+    """``register --fixed F --moving M --out DIR [...]`` (and ``--report-only``)."""
+    reg = subparsers.add_parser("register", help="register MOVING to FIXED and write transform.h5, "
+                                "moving_resampled.nrrd, report.json", description=(
+                                    "Register MOVING to FIXED. Writes DIR/transform.h5 (ITK transform mapping FIXED "
+                                    "physical LPS points to MOVING points; apply it to the moving volume in Slicer), "
+                                    "DIR/moving_resampled.nrrd, DIR/report.json, DIR/report.html and DIR/pictures/. "
+                                    "Exit codes: 0 verdict PASS or WARN, 4 verdict FAIL, 2 bad input, 3 a stage "
+                                    "failed."))
     reg.add_argument("--fixed", required=True, help="fixed image: .nrrd, .nii(.gz), .mha/.mhd or a DICOM series folder")
     reg.add_argument("--moving", required=True, help="moving image (same formats)")
     reg.add_argument("--out", required=True, help="output folder (new, empty, or holding a previous run's outputs)")
@@ -286,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "TotalSegmentator's folder of per-structure masks, or a Slicer .seg.nrrd")
     reg.add_argument("--moving-labels", default=None, help="labels of the moving image (same forms)")
     reg.add_argument("--fixed-labels-task", default=None, help="TotalSegmentator task of --fixed-labels (e.g. total)")
-    reg.add_argument("--moving-labels-task", default=None, help="TotalSegmentator task of --moving-labels (e.g. total_mr)")
+    reg.add_argument("--moving-labels-task", default=None,
+                     help="TotalSegmentator task of --moving-labels (e.g. total_mr)")
     reg.add_argument("--segment", choices=("fixed", "moving", "both"), default=None,
                      help="run TotalSegmentator (optional extra) on these images first (task total for CT, total_mr "
                           "for MR); needs its model weights (TOTALSEG_HOME_DIR / TOTALSEG_WEIGHTS_PATH)")
@@ -301,12 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_registration_arguments(reg)
     reg.set_defaults(handler=run_register)
 
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded demo CT/MR pair",
-                          description="Register the embedded, downsampled MRI-DIR phantom pair (T2 MR to CT).")
-    demo.add_argument("--out", default="multimodal_prealign_demo", help="output folder (default ./multimodal_prealign_demo)")
+
+def add_demo_command(subparsers) -> None:
+    """``demo [--out DIR]``: the embedded CT/MR pair."""
+    demo = subparsers.add_parser("demo", help="run the pipeline on the embedded demo CT/MR pair",
+                                 description="Register the embedded, downsampled MRI-DIR phantom pair (T2 MR to CT).")
+    demo.add_argument("--out", default="multimodal_prealign_demo",
+                      help="output folder (default ./multimodal_prealign_demo)")
     add_registration_arguments(demo)
     demo.set_defaults(handler=run_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``multimodal-prealign`` parser: register, demo, diagnose, inspect-dicom."""
+    parser = OneLineParser(prog="multimodal-prealign",
+                           description="Pre-align, crop and register CT/MR pairs that differ a lot; "
+                                       "explain the result.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    add_register_command(sub)
+    add_demo_command(sub)
     add_diagnose_command(sub)
     dicom_series.add_cli(sub)
     return parser

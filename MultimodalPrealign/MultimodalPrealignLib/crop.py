@@ -4,7 +4,8 @@ The CropVolume idea in the core: after pre-alignment, each image is cut to the o
 footprint plus ``margin_mm`` and resampled on its own direction at a working spacing chosen from
 both spacings (``spacing_scale`` like CropVolume's spacing scale; isotropic by default), with a cap
 on the number of voxels so registration cost does not grow with the larger image.
-Boxes are physical LPS mm, each in its own image's space.
+Boxes are physical LPS mm, each in its own image's space. :func:`validity_mask` gives the registration
+metric's mask of each working grid (the voxels that hold real image data).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def choose_working_spacing(fixed: sitk.Image, moving: sitk.Image, crop_volume_mm
         base = max(float(np.prod(fixed.GetSpacing())) ** (1 / 3), float(np.prod(moving.GetSpacing())) ** (1 / 3))
         spacing = np.full(3, base * spacing_scale)
     else:
-        along = np.maximum(image_space.spacing_along_patient_axes(fixed), image_space.spacing_along_patient_axes(moving))
+        along = np.maximum(image_space.spacing_along_patient_axes(fixed),
+                           image_space.spacing_along_patient_axes(moving))
         d = np.abs(image_space.direction_matrix(fixed))  # fixed grid axis j -> patient axis argmax(d[:, j])
         spacing = np.array([along[int(np.argmax(d[:, j]))] for j in range(3)]) * spacing_scale
     voxels = crop_volume_mm3 / float(np.prod(spacing))
@@ -125,3 +127,40 @@ def apply_crop(fixed: sitk.Image, moving: sitk.Image, plan: CropPlan) -> tuple[s
     plan.details["fixed_working_size"] = list(fixed_work.GetSize())
     plan.details["moving_working_size"] = list(moving_work.GetSize())
     return fixed_work, moving_work
+
+
+def validity_mask(work: sitk.Image, original: sitk.Image) -> sitk.Image | None:
+    """Mask of working voxels that hold real image data, for the registration metric.
+
+    Excludes voxels outside the original image's voxel-centre domain (the working grid's rim past the
+    last slice would otherwise be a flat background edge that pulls mutual information) and CT padding
+    outside the reconstruction circle (eroded by one voxel to drop the rim blurred by resampling).
+    None when every voxel is valid.
+    """
+    size = np.asarray(work.GetSize())
+    a_work, origin_work = image_space.index_to_physical_matrix(work)
+    a_orig, origin_orig = image_space.index_to_physical_matrix(original)
+    to_original = np.linalg.inv(a_orig) @ a_work
+    offset = np.linalg.inv(a_orig) @ (origin_work - origin_orig)
+    k, j, i = np.meshgrid(np.arange(size[2]), np.arange(size[1]), np.arange(size[0]), indexing="ij")
+    inside = np.ones(k.shape, dtype=bool)
+    limits = np.asarray(original.GetSize(), dtype=float) - 1.0
+    for axis in range(3):
+        coordinate = to_original[axis, 0] * i + to_original[axis, 1] * j + to_original[axis, 2] * k + offset[axis]
+        inside &= (coordinate >= -1e-3) & (coordinate <= limits[axis] + 1e-3)
+    pad = padding_value(original)
+    if pad is not None:
+        data = sitk.GetArrayViewFromImage(work) > pad + 1.0
+        eroded = sitk.BinaryErode(sitk.Cast(_array_like(data, work), sitk.sitkUInt8), [1, 1, 1])
+        data = sitk.GetArrayViewFromImage(eroded) > 0  # a view: ``eroded`` must outlive it
+        inside &= data
+    if inside.all() or int(np.count_nonzero(inside)) < 1000:
+        return None
+    return _array_like(inside, work)
+
+
+def _array_like(array: np.ndarray, like: sitk.Image) -> sitk.Image:
+    """A UInt8 image of ``array`` (z, y, x) on ``like``'s grid."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(like)
+    return image

@@ -6,6 +6,9 @@ fraction), how much of each lies inside the other under the header alignment and
 available pre-alignment, and the moving/fixed ratios per axis. Rules (thresholds in
 ``resources/diagnostics_rules.json``, explained in docs/diagnostics.md) turn the numbers into plain
 advice sentences and a verdict. Transforms map FIXED physical points to MOVING physical points (LPS mm).
+
+Two parts, so that a run can diagnose before it pre-aligns: :func:`diagnose_images` (headers and images
+only) and :func:`finish_diagnosis` (the overlap under the pre-alignment, advice, verdict).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def foreground_summary(work: sitk.Image) -> dict:
     mask = foreground_mask(work, working_spacing_mm=None)
     array = sitk.GetArrayViewFromImage(mask)
     count = int(np.count_nonzero(array))
-    out = {"fraction": round(count / float(array.size), 4), "volume_ml": round(count * image_space.voxel_volume_mm3(mask) / 1000, 1)}
+    out = {"fraction": round(count / float(array.size), 4),
+           "volume_ml": round(count * image_space.voxel_volume_mm3(mask) / 1000, 1)}
     if count == 0:
         out["extent_mm_lps"] = [0.0, 0.0, 0.0]
         return out
@@ -122,7 +126,8 @@ def alignment_summary(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: si
         "fixed_inside_moving": round(overlap["fixed"], 4),
         "moving_inside_fixed": round(overlap["moving"], 4),
         "per_axis": per_axis_coverage(fixed, moving, fixed_to_moving),
-        "center_distance_mm": round(float(np.linalg.norm(fixed_center_in_moving - image_space.image_center(moving))), 2),
+        "center_distance_mm": round(float(np.linalg.norm(fixed_center_in_moving
+                                                         - image_space.image_center(moving))), 2),
     }
     if transforms.is_linear(fixed_to_moving):
         m = transforms.to_matrix(fixed_to_moving)
@@ -147,29 +152,41 @@ def check_3d(fixed: sitk.Image, moving: sitk.Image) -> None:
             raise InputError(f"The {name} image is {image.GetDimension()}D", "give 3D volumes")
 
 
-def diagnose_pair(fixed: sitk.Image, moving: sitk.Image, prealigned_fixed_to_moving: sitk.Transform | None = None,
-                  prealign_method: str | None = None, warnings: list | None = None) -> dict:
-    """Diagnostics of a fixed/moving pair with advice (JSON-ready dict).
+def diagnose_images(fixed: sitk.Image, moving: sitk.Image) -> dict:
+    """The part of the diagnostics that needs only the headers and the images (JSON-ready dict).
 
-    ``prealigned_fixed_to_moving`` (fixed->moving, LPS mm) is the best available pre-alignment (None: the
-    headers only); ``prealign_method`` names it. Nothing is pre-aligned here: the caller runs the method
-    (``cli``'s ``diagnose`` runs it on :func:`working_copy` copies). ``warnings``: the pre-alignment's.
-    Keys: fixed, moving, overlap {header, prealigned}, ratios, suggested_working_spacing_mm, advice,
-    verdict, verdict_code, seconds.
+    Keys: fixed, moving, overlap {header, prealigned: None}, ratios, suggested_working_spacing_mm, seconds.
+    :func:`finish_diagnosis` adds the overlap under a pre-alignment, the advice and the verdict.
     """
     started = time.perf_counter()
     settings = rules()
     check_3d(fixed, moving)
     fixed_work = resample.box_average_copy(fixed, settings["working_copy_spacing_mm"])
     moving_work = resample.box_average_copy(moving, settings["working_copy_spacing_mm"])
-    out = {
+    return {
         "fixed": describe(fixed, "fixed", settings, fixed_work),
         "moving": describe(moving, "moving", settings, moving_work),
         "overlap": {"header": alignment_summary(fixed, moving, transforms.identity(), "header", settings),
                     "prealigned": None},
         "ratios": image_space.ratios(fixed, moving),
         "suggested_working_spacing_mm": suggested_working_spacing(fixed, moving, settings),
+        "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def finish_diagnosis(diagnostics: dict, fixed: sitk.Image, moving: sitk.Image,
+                     prealigned_fixed_to_moving: sitk.Transform | None = None, prealign_method: str | None = None,
+                     warnings: list | None = None) -> dict:
+    """Complete :func:`diagnose_images`' dict (in place; also returned) after pre-alignment.
+
+    Adds ``overlap.prealigned`` under ``prealigned_fixed_to_moving`` (fixed->moving, LPS mm; None or a
+    ``header``/``none`` method: left None), then advice, verdict_code, verdict, the pre-alignment's
+    ``warnings`` and ``seconds`` (both parts' time).
+    """
+    started = time.perf_counter()
+    settings = rules()
+    out = diagnostics
+    images_seconds = out.pop("seconds", 0.0)
     if prealigned_fixed_to_moving is not None and prealign_method not in ("header", "none"):
         out["overlap"]["prealigned"] = alignment_summary(fixed, moving, prealigned_fixed_to_moving,
                                                          prealign_method or "given", settings)
@@ -178,8 +195,24 @@ def diagnose_pair(fixed: sitk.Image, moving: sitk.Image, prealigned_fixed_to_mov
     out["verdict_code"] = code
     out["verdict"] = verdict
     out["warnings"] = list(warnings or [])
-    out["seconds"] = round(time.perf_counter() - started, 2)
+    out["seconds"] = round(images_seconds + time.perf_counter() - started, 2)
     return out
+
+
+def diagnose_pair(fixed: sitk.Image, moving: sitk.Image, prealigned_fixed_to_moving: sitk.Transform | None = None,
+                  prealign_method: str | None = None, warnings: list | None = None) -> dict:
+    """Diagnostics of a fixed/moving pair with advice (JSON-ready dict): :func:`diagnose_images` then
+    :func:`finish_diagnosis`.
+
+    ``prealigned_fixed_to_moving`` (fixed->moving, LPS mm) is the best available pre-alignment (None: the
+    headers only); ``prealign_method`` names it. Nothing is pre-aligned here: the caller runs the method
+    (the CLI's ``diagnose`` runs it on :func:`geometry.resample.box_average_copy` copies, see
+    :mod:`pipeline.diagnosis`). ``warnings``: the pre-alignment's.
+    Keys: fixed, moving, overlap {header, prealigned}, ratios, suggested_working_spacing_mm, advice,
+    verdict_code, verdict, warnings, seconds.
+    """
+    return finish_diagnosis(diagnose_images(fixed, moving), fixed, moving, prealigned_fixed_to_moving,
+                            prealign_method, warnings)
 
 
 # ------------------------------------------------------------------------------------------ advice

@@ -12,15 +12,15 @@ def diagnose_with_prealign(fixed: sitk.Image, moving: sitk.Image, prealign_metho
                            seed: int = 0) -> dict:
     """:func:`diagnose.diagnose_pair` with the overlap under ``prealign_method`` (fixed->moving, LPS mm).
 
-    The method runs on the diagnostic working copies (:func:`geometry.resample.box_average_copy`, a few mm); ``header`` and
-    ``none`` report the header alignment only.
+    The method runs on the diagnostic working copies (:func:`geometry.resample.box_average_copy`, a few mm);
+    ``header`` and ``none`` report the header alignment only.
     """
     diagnose.check_3d(fixed, moving)
     transform, method, warnings = None, prealign_method, []
     if prealign_method not in ("none", "header"):
         spacing = diagnose.rules()["working_copy_spacing_mm"]
-        inputs = prealign.PrealignInputs(resample.box_average_copy(fixed, spacing), resample.box_average_copy(moving, spacing),
-                                         seed=seed)
+        inputs = prealign.PrealignInputs(resample.box_average_copy(fixed, spacing),
+                                         resample.box_average_copy(moving, spacing), seed=seed)
         done = prealign.run_prealign(prealign_method, inputs)
         transform, method, warnings = done.transform, done.method, done.warnings
     return diagnose.diagnose_pair(fixed, moving, transform, method, warnings)

@@ -1,14 +1,18 @@
-"""Attempts and fallback: which (pre-alignment candidate, engine) to try next when the verdict is FAIL."""
+"""Fallback policy: which (pre-alignment candidate, engine) to try next when the verdict is FAIL, and which
+attempt to keep. :mod:`pipeline.attempts` runs the attempts."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import transforms as tx
 from ..qa.verdict import FAIL, PASS, WARN, apply_verdict, judge
+
+#: At most this many attempts (the normal run plus fallbacks) when the verdict is FAIL.
+MAX_ATTEMPTS = 3
 
 
 def should_fall_back(report: dict) -> bool:
@@ -19,8 +23,9 @@ def should_fall_back(report: dict) -> bool:
     return verdict == FAIL
 
 
-def fallback_plan(prealign_candidates: Sequence[str], engines: Sequence[str], max_attempts: int = 4) -> list[tuple]:
-    """Order of (pre-alignment candidate, engine) attempts; the first entry is the normal run.
+def fallback_plan(prealign_candidates: Sequence[str], engines: Sequence[str],
+                  max_attempts: int = MAX_ATTEMPTS) -> list[tuple]:
+    """Order of (pre-alignment candidate, engine) attempts, at most ``max_attempts``; the first is the normal run.
 
     After the normal run: the next pre-alignment candidate with the same engine, then the first candidate with
     the other engine, then the remaining combinations (candidates in their ranking order).
@@ -91,8 +96,8 @@ def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int) -
 def run_with_fallback(attempt, plan: Sequence[tuple], thresholds: dict | None = None) -> tuple[dict, object, int]:
     """Run ``attempt(prealign_choice, engine) -> (report, payload)`` for each plan entry until one does not FAIL.
 
-    Each report must hold its ``metrics`` (see :func:`evaluate`); it is judged here. When every attempt fails,
-    the best one by :func:`attempt_score` is kept. The chosen report gets ``report["fallback"]`` (all attempts'
+    Each report must hold its ``metrics`` (see :func:`qa.measure.evaluate`); it is judged here. When every attempt
+    fails, the best one by :func:`attempt_score` is kept. The chosen report gets ``report["fallback"]`` (all attempts'
     verdicts and reasons, via :func:`record_fallback`). Returns (chosen report, its payload, its index).
     """
     done: list[tuple[dict, object, str, str]] = []

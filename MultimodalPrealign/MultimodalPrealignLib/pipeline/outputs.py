@@ -1,0 +1,112 @@
+"""The output folder of ``register``: what it may hold, and the atomic write of a run's outputs.
+
+Everything is written into a staging folder next to the output folder and moved into place at the end, so a
+failed run leaves no partial outputs. transform.h5 maps FIXED physical points to MOVING physical points
+(LPS mm, ITK convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import crop
+from ..errors import InputError
+from ..geometry import transforms
+from ..io import image_io
+from ..progress import Progress
+from ..qa import reporting
+from .options import PipelineResult
+
+#: Files `register` writes into its output folder (re-running into a folder holding only these is allowed).
+OUTPUT_FILES = ("transform.h5", "moving_resampled.nrrd", "report.json", "report.html", "pictures")
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse an output folder that holds anything but our own outputs (a previous run's are replaced)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"The output path '{out_dir}' exists and is a file", "give a folder path to --out")
+    if out_dir.is_dir():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES)
+        if other:
+            shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
+            raise InputError(f"The output folder '{out_dir}' already holds other files ({shown})",
+                             "give a new or empty folder to --out")
+
+
+def resample_moving(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> sitk.Image:
+    """The ORIGINAL moving image on the ORIGINAL fixed grid, in the moving image's pixel type."""
+    return sitk.Resample(moving, fixed, fixed_to_moving, sitk.sitkLinear, crop.background_value(moving),
+                         moving.GetPixelID())
+
+
+def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, moving: sitk.Image,
+                  fixed_labels: sitk.Image | None, moving_labels: sitk.Image | None, no_report: bool,
+                  load_seconds: float, progress: Progress) -> None:
+    """Write transform.h5, moving_resampled.nrrd, report.json and (unless ``no_report``) report.html and
+    pictures/ into a staging folder, then move them into ``out_dir`` (created; our previous outputs replaced).
+
+    Completes ``result.report`` (outputs, verdict, write timings) before report.json is written.
+    """
+    report = result.report
+    progress.report("write", 0.95, f"writing outputs to {out_dir}")
+    started = time.perf_counter()
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=str(parent)))
+    try:
+        transforms.write_transform(result.transform, staging / "transform.h5")
+        image_io.write_image(resample_moving(fixed, moving, result.transform), staging / "moving_resampled.nrrd")
+        report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
+                             "report": "report.json"}
+        if not no_report:
+            report["outputs"].update({"report_html": "report.html", "pictures": "pictures/"})
+        qa_started = time.perf_counter()
+        reporting.finish_report(report, staging, fixed, moving, result.initial or result.prealign.transform,
+                                result.transform, fixed_labels, moving_labels, result.structure_pairs,
+                                write_pictures=not no_report)
+        report["timings_s"]["report"] = round(time.perf_counter() - qa_started, 3)
+        report["timings_s"]["write"] = round(time.perf_counter() - started, 3)
+        report["timings_s"]["total_with_io"] = round(report["timings_s"]["total"] + load_seconds
+                                                     + report["timings_s"]["write"], 3)
+        (staging / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
+        move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress.report("write", 1.0, f"outputs in {out_dir}")
+
+
+def move_into_place(staging: Path, out_dir: Path) -> None:
+    """Move everything in ``staging`` into ``out_dir`` (created), replacing same-named files or folders."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(item, target)
+
+
+def _jsonable(value):
+    """``value`` with numpy scalars/arrays and paths turned into JSON types (dict keys as strings)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
