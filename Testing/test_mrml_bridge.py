@@ -19,7 +19,7 @@ from MultimodalPrealignLib.errors import InputError
 from MultimodalPrealignLib.geometry import transforms
 from MultimodalPrealignLib.geometry.image_space import Box
 from MultimodalPrealignLib.io import image_io
-from MultimodalPrealignLib.slicer import mrml_bridge
+from MultimodalPrealignLib.slicer import crop_volume, mrml_bridge, pair_diagnostics
 
 FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -38,7 +38,8 @@ def scene():
 def oblique_image(size=(20, 15, 10), spacing=(2.0, 1.5, 3.0), origin=(5.0, -7.0, 9.0), seed=1,
                   pixel=sitk.sitkInt16) -> sitk.Image:
     rng = np.random.default_rng(seed)
-    array = rng.integers(-1000, 1000, size=size[::-1]).astype(sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, pixel)).dtype)
+    dtype = sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, pixel)).dtype
+    array = rng.integers(-1000, 1000, size=size[::-1]).astype(dtype)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -104,7 +105,7 @@ def test_pair_header_summary_from_nodes_only(scene):
     moving.SetOrigin([40.0, 0.0, 0.0])  # half of the moving box lies beyond the fixed box along x
     fixed_node = mrml_bridge.add_volume_from_sitk(scene, fixed, "CT")
     moving_node = mrml_bridge.add_volume_from_sitk(scene, moving, "MR")
-    summary = mrml_bridge.pair_header_summary(fixed_node, moving_node)
+    summary = pair_diagnostics.pair_header_summary(fixed_node, moving_node)
     assert summary["fixed"]["size"] == [100, 80, 50] and summary["moving"]["spacing_mm"] == [2.0, 2.0, 2.5]
     assert summary["fixed"]["extent_mm"] == [100.0, 80.0, 100.0]
     assert summary["voxel_volume_ratio_moving_over_fixed"] == pytest.approx(5.0)
@@ -112,7 +113,7 @@ def test_pair_header_summary_from_nodes_only(scene):
     # z -1..99. Overlap 60.5 x 79.5 x 49.75 mm of the moving box's 100 x 80 x 50 mm.
     assert summary["header_overlap_fraction"] == pytest.approx(60.5 * 79.5 * 49.75 / (100 * 80 * 50), abs=1e-4)
     moving_node.SetOrigin(-1000.0, 0.0, 0.0)
-    assert mrml_bridge.pair_header_summary(fixed_node, moving_node)["header_overlap_fraction"] == 0.0
+    assert pair_diagnostics.pair_header_summary(fixed_node, moving_node)["header_overlap_fraction"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------- transforms
@@ -217,7 +218,7 @@ def test_voxel_based_crop_keeps_voxels_at_their_physical_positions(scene):
     box = Box(tuple((center - 10.0).tolist()), tuple((center + 10.0).tolist()))
     roi = mrml_bridge.set_roi_from_box(scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "roi"), box)
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "cropped")
-    mrml_bridge.crop_voxel_based(roi, node, output)
+    crop_volume.crop_voxel_based(roi, node, output)
     cropped = mrml_bridge.volume_node_to_sitk(output)
     assert 0 < np.prod(cropped.GetSize()) < np.prod(image.GetSize())
     np.testing.assert_allclose(cropped.GetSpacing(), image.GetSpacing(), atol=1e-9)
@@ -236,7 +237,7 @@ def test_crop_parameters_node_and_failure_translation(scene):
     roi = mrml_bridge.set_roi_from_box(scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "roi"),
                                        Box((0.0, 0.0, 0.0), (10.0, 10.0, 10.0)))
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out")
-    params = mrml_bridge.crop_parameters_node(scene, node, roi, output, voxel_based=False, spacing_scale=2.5,
+    params = crop_volume.crop_parameters_node(scene, node, roi, output, voxel_based=False, spacing_scale=2.5,
                                               isotropic=True, interpolation="bspline", fill_value=-1000)
     assert params.GetInputVolumeNodeID() == node.GetID()
     assert params.GetROINodeID() == roi.GetID()
@@ -248,19 +249,19 @@ def test_crop_parameters_node_and_failure_translation(scene):
     logic.SetMRMLScene(scene)
     # The wheel has no Volumes module/resampling CLI: interpolated crop fails and must say why.
     with pytest.raises(RuntimeError, match="CropVolume failed: .*(Volumes module|resampling module)"):
-        mrml_bridge.apply_crop(logic, params)
+        crop_volume.apply_crop(logic, params)
 
 
 def test_crop_spacing_scale_matches_the_planned_working_spacing(scene):
-    assert mrml_bridge.crop_spacing_scale((0.5, 0.5, 2.5), (3.0, 3.0, 3.0), isotropic=True) == pytest.approx(6.0)
-    assert mrml_bridge.crop_spacing_scale((0.5, 0.5, 2.5), (3.0, 3.0, 3.0), isotropic=False) == pytest.approx(6.0)
+    assert crop_volume.crop_spacing_scale((0.5, 0.5, 2.5), (3.0, 3.0, 3.0), isotropic=True) == pytest.approx(6.0)
+    assert crop_volume.crop_spacing_scale((0.5, 0.5, 2.5), (3.0, 3.0, 3.0), isotropic=False) == pytest.approx(6.0)
     # CropVolume's own geometry computation agrees: isotropic output spacing = min(input) x scale.
     image = oblique_image(spacing=(0.5, 0.8, 2.5))
     image.SetDirection(np.eye(3).ravel().tolist())
     node = mrml_bridge.add_volume_from_sitk(scene, image, "input")
     roi = mrml_bridge.set_roi_from_box(scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "roi"),
                                        Box((-20.0, -20.0, -20.0), (20.0, 20.0, 20.0)))
-    scale = mrml_bridge.crop_spacing_scale(image.GetSpacing(), (3.0, 3.0, 3.0), isotropic=True)
+    scale = crop_volume.crop_spacing_scale(image.GetSpacing(), (3.0, 3.0, 3.0), isotropic=True)
     extent, spacing = [0] * 6, [0.0] * 3
     ok = slicer.vtkSlicerCropVolumeLogic.GetInterpolatedCropOutputGeometry(roi, node, True, scale, extent, spacing)
     assert ok

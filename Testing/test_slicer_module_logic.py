@@ -25,8 +25,13 @@ from MultimodalPrealignLib.geometry import (
     transforms,
 )
 from MultimodalPrealignLib.slicer import (
+    engine_run,
     mrml_bridge,
-    tools,
+    pair_diagnostics,
+    quality_check,
+    result_panel,
+    run_steps,
+    totalsegmentator,
 )
 from MultimodalPrealignLib.synthetic import phantoms
 
@@ -179,8 +184,8 @@ def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
     brainsfit = FakeBRAINSFitCLI(slicer.mrmlScene)
 
     def services(self, temp_dir):
-        return tools.SlicerServices(scene=slicer.mrmlScene, crop_logic=FakeCropVolumeLogic(), temp_dir=temp_dir,
-                                           run_sync=brainsfit, brainsfit_module="brainsfit-module")
+        return engine_run.SlicerServices(scene=slicer.mrmlScene, crop_logic=FakeCropVolumeLogic(), temp_dir=temp_dir,
+                                         run_sync=brainsfit, brainsfit_module="brainsfit-module")
 
     monkeypatch.setattr(module.MultimodalPrealignLogic, "slicerServices", services)
     result = module.MultimodalPrealignLogic().run(fixed, moving, engine="brainsfit", prealign="moments",
@@ -219,7 +224,7 @@ def segmentation_from_labels(labels: sitk.Image, volume_node, task: str, names: 
 
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{task} segmentation")
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    ids = tools.class_ids_for_task(task)
+    ids = totalsegmentator.class_ids_for_task(task)
     array = sitk.GetArrayViewFromImage(labels)
     for name in names:
         mask = (array == ids[name]).astype(np.uint8)
@@ -233,15 +238,15 @@ def test_segmentations_become_task_label_maps(module, pair):
     names = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
     fixed_seg = segmentation_from_labels(pair.fixed_labels, fixed, "total", names + ["lung_upper_lobe_left"])
     moving_seg = segmentation_from_labels(pair.moving_labels, moving, "total_mr", names + ["lung_left"])
-    logic = module.MultimodalPrealignLogic()
     from MultimodalPrealignLib.pipeline import PipelineOptions
 
     options = PipelineOptions()
-    fixed_labels = logic._labels(fixed_seg, fixed, options, "fixed")
-    moving_labels = logic._labels(moving_seg, moving, options, "moving")
+    fixed_labels = run_steps.segmentation_labels(fixed_seg, fixed, options, "fixed")
+    moving_labels = run_steps.segmentation_labels(moving_seg, moving, options, "moving")
     assert (options.fixed_labels_task, options.moving_labels_task) == ("total", "total_mr")
-    for labels, truth, task in ((fixed_labels, pair.fixed_labels, "total"), (moving_labels, pair.moving_labels, "total_mr")):
-        ids = tools.class_ids_for_task(task)
+    for labels, truth, task in ((fixed_labels, pair.fixed_labels, "total"),
+                                (moving_labels, pair.moving_labels, "total_mr")):
+        ids = totalsegmentator.class_ids_for_task(task)
         got, want = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(truth)
         for name in names:
             np.testing.assert_array_equal(got == ids[name], want == ids[name])
@@ -264,25 +269,25 @@ def test_panel_diagnostics_text_from_nodes(module, pair):
 
     fixed, moving = add_pair(pair)
     logic = module.MultimodalPrealignLogic()
-    text = module.diagnosticsText(fixed, moving, logic)
+    text = pair_diagnostics.diagnostics_text(fixed, moving, logic.pairDiagnostics)
     expected = diagnose.format_diagnostics(diagnose.diagnose_pair(pair.fixed, pair.moving, None, "header"))
     assert text.startswith("Pair diagnostics (physical LPS mm")
     assert text.splitlines()[:12] == expected.splitlines()[:12]  # same table as `multimodal-prealign diagnose`
     assert "68 x 48 x 108" in text and "Advice:" in text
     # A volume without voxels: the header-only lines, and the reason the full diagnostics are missing.
     empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
-    text = module.diagnosticsText(fixed, empty, logic)
+    text = pair_diagnostics.diagnostics_text(fixed, empty, logic.pairDiagnostics)
     assert text.startswith("Full diagnostics unavailable:")
     assert "Fixed 'CT': 68 x 48 x 108 voxels" in text
 
 
 def test_diagnostics_key_changes_with_the_pair_and_the_voxels(module, pair):
     fixed, moving = add_pair(pair)
-    key = module.diagnosticsKey(fixed, moving)
-    assert module.diagnosticsKey(fixed, moving) == key
-    assert module.diagnosticsKey(moving, fixed) != key
+    key = pair_diagnostics.diagnostics_key(fixed, moving)
+    assert pair_diagnostics.diagnostics_key(fixed, moving) == key
+    assert pair_diagnostics.diagnostics_key(moving, fixed) != key
     fixed.GetImageData().Modified()
-    assert module.diagnosticsKey(fixed, moving) != key
+    assert pair_diagnostics.diagnostics_key(fixed, moving) != key
 
 
 # ----------------------------------------------------------------------------- the panel's Quality check section
@@ -332,7 +337,8 @@ class FakeQToolButton:
     """Stand-in for ``qt.QToolButton`` (PythonQt style: properties as attributes, ``connect(signal, slot)``)."""
 
     def __init__(self):
-        self.text, self.toolTip, self.icon, self.iconSize, self.parent, self.deleted = "", "", None, None, "layout", False
+        self.text, self.toolTip, self.icon, self.iconSize = "", "", None, None
+        self.parent, self.deleted = "layout", False
         self.slots = {}
 
     def setIcon(self, icon):
@@ -428,7 +434,7 @@ def panel(module, monkeypatch):
     for name, fake in (("Qt", FakeQtNamespace), ("QPixmap", FakeQPixmap), ("QIcon", lambda pixmap: ("icon", pixmap)),
                        ("QToolButton", FakeQToolButton), ("QDesktopServices", FakeQDesktopServices),
                        ("QUrl", FakeQUrl), ("QApplication", FakeQApplication)):
-        monkeypatch.setattr(module.qt, name, fake, raising=False)
+        monkeypatch.setattr(sys.modules["qt"], name, fake, raising=False)  # the stand-in ``qt`` of ``module``
     monkeypatch.setattr(slicer.app, "processEvents", lambda: None, raising=False)
     FakeQDesktopServices.opened = []
     widget = module.MultimodalPrealignWidget()
@@ -448,10 +454,10 @@ def quick_result(module, pair, tmp_path, fallback_note=False):
               "diagnostics": diagnose.diagnose_pair(pair.fixed, pair.moving, pair.fixed_to_moving, "given"),
               "verdict_reasons": ["NOTE: automatic fallback: attempt 2 was used"] if fallback_note else [],
               "slicer": {"fixed_volume_node": fixed_node.GetID(), "moving_volume_node": moving_node.GetID()}}
-    outputs = tools.write_quality_check(report, tmp_path / "run", pair.fixed, pair.moving,
-                                               transforms.identity(), pair.fixed_to_moving)
+    outputs = quality_check.write_quality_check(report, tmp_path / "run", pair.fixed, pair.moving,
+                                                transforms.identity(), pair.fixed_to_moving)
     table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "quality")
-    tools.fill_quality_table(table, report)
+    quality_check.fill_quality_table(table, report)
     result = module.MultimodalPrealignResult(None, report, ["a warning"], pair.fixed_to_moving, tableNode=table,
                                              reportDirectory=outputs["directory"], reportHtmlPath=outputs["html"],
                                              pictures=outputs["pictures"])
@@ -479,7 +485,7 @@ def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pai
     assert all(column in (0, 1) for _, column in cells)
     for button in cells.values():
         size = button.iconSize
-        assert max(size.width(), size.height()) == tools.THUMBNAIL_PIXELS
+        assert max(size.width(), size.height()) == result_panel.THUMBNAIL_PIXELS
     fusion_after = next(b for b in cells.values() if b.text == "Fusion: after")
     fusion_after.click()
     assert FakeQDesktopServices.opened[-1] == f"file://{result.pictures['fusion_after']}"
@@ -488,8 +494,8 @@ def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pai
     panel.onOpenReportFolder()
     assert FakeQDesktopServices.opened[-2:] == [f"file://{result.reportHtmlPath}", f"file://{result.reportDirectory}"]
     # The same pair reuses the table node on the next Apply; another pair gets a new one.
-    assert panel._reusableTableNode(fixed_node, moving_node) is result.tableNode
-    assert panel._reusableTableNode(moving_node, fixed_node) is None
+    assert run_steps.reusable_table_node(panel._lastResult, fixed_node, moving_node) is result.tableNode
+    assert run_steps.reusable_table_node(panel._lastResult, moving_node, fixed_node) is None
     # A new result replaces the thumbnails (old buttons removed and deleted); clearing empties the section.
     old_buttons = list(panel._pictureButtons)
     panel.showQualityCheck(result)

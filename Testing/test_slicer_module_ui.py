@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "MultimodalPrealign"
 MODULE_PY = MODULE_DIR / "MultimodalPrealign.py"
+SLICER_PACKAGE = MODULE_DIR / "MultimodalPrealignLib" / "slicer"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MultimodalPrealign.ui"
 
 
@@ -77,14 +81,22 @@ def test_no_future_annotations_and_no_pep604_in_parameter_node(tree):
 
 
 def test_every_ui_reference_in_the_code_exists_in_the_ui_file(tree, ui):
+    """``self.ui.<name>`` in the widget, and ``ui.<name>`` in the slicer/ helpers the widget hands its ``ui`` to."""
     widgets = ui_widgets(ui)
     referenced = {node.attr for node in ast.walk(tree)
                   if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                  and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+                  and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
+                  and node.value.value.id == "self"}
     referenced = {name for name in referenced if not name[0].isupper()}  # ui methods are not widgets
     assert referenced, "the widget references no ui element?"
-    missing = referenced - set(widgets)
-    assert not missing, f"widgets used in MultimodalPrealign.py but absent from the .ui: {sorted(missing)}"
+    helpers = {}
+    for path in sorted(SLICER_PACKAGE.glob("*.py")):
+        names = {node.attr for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ui"}
+        helpers.update({name: path.name for name in names})
+    assert {"verdictLabel", "picturesWidget", "segmentFixedButton"} <= set(helpers)
+    missing = (referenced | set(helpers)) - set(widgets)
+    assert not missing, f"widgets used in the code but absent from the .ui: {sorted(missing)}"
 
 
 def test_every_slicer_parameter_name_is_a_parameter_node_field_and_vice_versa(tree, ui):
@@ -158,16 +170,36 @@ def test_quality_check_section_holds_its_widgets(ui):
     assert diagnostics.find("property[@name='readOnly']/bool").text == "true"
 
 
+def test_the_slicer_helpers_import_before_the_python_requirements_are_installed():
+    """Slicer imports the module file, and with it these helpers, before python_requirements can install scipy,
+    pydicom and itk-elastix: the helpers import the core parts that need them inside functions only."""
+    names = [f"MultimodalPrealignLib.slicer.{path.stem}" for path in sorted(SLICER_PACKAGE.glob("*.py"))]
+    code = textwrap.dedent("""
+        import importlib, importlib.abc, sys
+
+        class NotInstalledYet(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("scipy", "pydicom", "itk"):
+                    raise ImportError(f"{name} is not installed yet")
+
+        sys.meta_path.insert(0, NotInstalledYet())
+        for name in sys.argv[1:]:
+            importlib.import_module(name)
+    """)
+    run = subprocess.run([sys.executable, "-c", code, *names], cwd=MODULE_DIR, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_choices_match_the_core(tree):
     from MultimodalPrealignLib import prealign
-    from MultimodalPrealignLib.slicer import tools
+    from MultimodalPrealignLib.slicer import engine_run
 
     methods = ast.literal_eval(module_constant(tree, "PREALIGN_METHODS"))
     assert set(methods) <= set(prealign.ALL_METHODS)
     assert methods[0] == "auto"
     engines = module_constant(tree, "ENGINES")
     assert "SLICER_ENGINES" in ast.unparse(engines)
-    assert set(tools.SLICER_ENGINES) == {"brainsfit", "elastix", "core"}
+    assert set(engine_run.SLICER_ENGINES) == {"brainsfit", "elastix", "core"}
 
 
 def test_module_metadata_and_test_class(tree):
@@ -221,8 +253,13 @@ def test_user_guide_console_snippet_matches_the_logic(tree):
     for call in calls:
         assert {k.arg for k in call.keywords} <= parameters
     mentioned = set(re.findall(r"`(\w+)`", guide.split("Other keywords of `run`")[1].split("\n\n")[0]))
-    assert {m for m in mentioned if m[0].islower() and m not in ("run", "engine", "core", "itk", "elastix")} <= parameters
-    result_class = class_def(tree, "MultimodalPrealignResult")
+    not_keywords = ("run", "engine", "core", "itk", "elastix")
+    assert {m for m in mentioned if m[0].islower() and m not in not_keywords} <= parameters
+    # What run returns: defined in slicer/run_steps.py, imported into the module file.
+    assert "MultimodalPrealignResult" in {alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                                          for alias in node.names}
+    result_class = class_def(ast.parse((SLICER_PACKAGE / "run_steps.py").read_text(encoding="utf-8")),
+                             "MultimodalPrealignResult")
     init = next(f for f in result_class.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
     attributes = {t.attr for node in ast.walk(init) if isinstance(node, ast.Assign) for t in node.targets
                   if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self"}
@@ -249,8 +286,9 @@ def test_user_guide_headless_command_matches_the_script():
         assert option.lstrip("-").replace("-", "_") in vars(args), option
 
 
-def test_sample_data_files_named_by_the_module_exist(tree):
-    demo = ast.literal_eval(module_constant(tree, "DEMO_FILES"))
+def test_sample_data_files_named_by_the_module_exist():
+    from MultimodalPrealignLib.slicer.sample_data import DEMO_FILES as demo
+
     folder = MODULE_DIR / "MultimodalPrealignLib" / "data" / "demo"
     if not any(folder.glob("*.nrrd")):
         pytest.skip("demo data not generated (scripts/make_demo_data.py)")

@@ -19,7 +19,15 @@ import SimpleITK as sitk
 from MultimodalPrealignLib.engines.elastix_engine import parse_parameter_text
 from MultimodalPrealignLib.errors import Cancelled, InputError, RegistrationError
 from MultimodalPrealignLib.geometry import transforms
-from MultimodalPrealignLib.slicer import tools
+from MultimodalPrealignLib.slicer import (
+    brainsfit,
+    elastix,
+    engine_run,
+    pair_diagnostics,
+    quality_check,
+    result_panel,
+    totalsegmentator,
+)
 
 #: Every parameter name in BRAINSia/BRAINSTools BRAINSFit/BRAINSFit.xml that we may pass.
 BRAINSFIT_XML_NAMES = {
@@ -46,10 +54,10 @@ def check_brainsfit_names(params: dict) -> None:
 # ------------------------------------------------------------------------------------------------ BRAINSFit
 
 def test_brainsfit_parameters_linear_stages():
-    params = tools.brainsfit_parameters("vtkMRMLScalarVolumeNode1", "vtkMRMLScalarVolumeNode2",
-                                               "vtkMRMLLinearTransformNode3", ("rigid", "affine"),
-                                               initial_transform_id="vtkMRMLLinearTransformNode4",
-                                               sampling_percentage=0.01, iterations=300)
+    params = brainsfit.brainsfit_parameters("vtkMRMLScalarVolumeNode1", "vtkMRMLScalarVolumeNode2",
+                                            "vtkMRMLLinearTransformNode3", ("rigid", "affine"),
+                                            initial_transform_id="vtkMRMLLinearTransformNode4",
+                                            sampling_percentage=0.01, iterations=300)
     check_brainsfit_names(params)
     assert params["useRigid"] and params["useAffine"] and "useBSpline" not in params
     assert params["linearTransform"] == "vtkMRMLLinearTransformNode3" and "bsplineTransform" not in params
@@ -60,29 +68,29 @@ def test_brainsfit_parameters_linear_stages():
 
 
 def test_brainsfit_parameters_bspline_masks_and_defaults():
-    params = tools.brainsfit_parameters("f", "m", "out", ("rigid", "affine", "bspline"),
-                                               fixed_mask_id="fm", moving_mask_id="mm", spline_grid_size=(5, 5, 4))
+    params = brainsfit.brainsfit_parameters("f", "m", "out", ("rigid", "affine", "bspline"),
+                                            fixed_mask_id="fm", moving_mask_id="mm", spline_grid_size=(5, 5, 4))
     check_brainsfit_names(params)
     assert params["bsplineTransform"] == "out" and "linearTransform" not in params
     assert params["maskProcessingMode"] == "ROI"
     assert params["fixedBinaryVolume"] == "fm" and params["movingBinaryVolume"] == "mm"
     assert params["splineGridSize"] == "5,5,4"
     # None keeps BRAINSFit's own defaults (0.002 / 1500): the keys are not sent at all.
-    assert "samplingPercentage" not in params and "numberOfIterations" not in params and "initialTransform" not in params
+    assert not {"samplingPercentage", "numberOfIterations", "initialTransform"} & set(params)
 
 
 @pytest.mark.parametrize("stages, match", [((), "No registration stage"), (("affine", "rigid"), "order"),
                                            (("rigid", "warp"), "Unknown stage")])
 def test_brainsfit_parameters_refuse_bad_stages(stages, match):
     with pytest.raises(InputError, match=match):
-        tools.brainsfit_parameters("f", "m", "out", stages)
+        brainsfit.brainsfit_parameters("f", "m", "out", stages)
 
 
 def test_brainsfit_parameters_refuse_bad_overrides():
     with pytest.raises(InputError, match="Sampling percentage"):
-        tools.brainsfit_parameters("f", "m", "out", sampling_percentage=2.0)
+        brainsfit.brainsfit_parameters("f", "m", "out", sampling_percentage=2.0)
     with pytest.raises(InputError, match="Iterations"):
-        tools.brainsfit_parameters("f", "m", "out", iterations=0)
+        brainsfit.brainsfit_parameters("f", "m", "out", iterations=0)
 
 
 class FakeCLINode:
@@ -118,7 +126,7 @@ def test_brainsfit_overlap_failure_becomes_cause_and_fix():
         return FakeCLINode(FakeCLINode.CompletedWithErrors, error_text=OVERLAP_ERROR)
 
     with pytest.raises(RegistrationError) as info:
-        tools.run_brainsfit(run_sync, "brainsfit", {"fixedVolume": "f"})
+        brainsfit.run_brainsfit(run_sync, "brainsfit", {"fixedVolume": "f"})
     text = str(info.value)
     assert "lost the overlap" in text and "Fix:" in text and "search" in text
     assert "\n" not in text
@@ -130,7 +138,7 @@ def test_brainsfit_unknown_failure_keeps_its_last_error_line():
                            error_text="reading input\nERROR: could not open fixed volume /tmp/x.nrrd\n")
 
     with pytest.raises(RegistrationError, match="BRAINSFit failed: ERROR: could not open fixed volume"):
-        tools.run_brainsfit(run_sync, "brainsfit", {})
+        brainsfit.run_brainsfit(run_sync, "brainsfit", {})
 
 
 def test_brainsfit_runsync_exception_is_translated_and_success_returns_node():
@@ -138,16 +146,16 @@ def test_brainsfit_runsync_exception_is_translated_and_success_returns_node():
         raise ValueError("CLI execution failed: All samples map outside moving image buffer")
 
     with pytest.raises(RegistrationError, match="lost the overlap"):
-        tools.run_brainsfit(raising, "brainsfit", {})
+        brainsfit.run_brainsfit(raising, "brainsfit", {})
     ok = FakeCLINode(output_text="done")
-    assert tools.run_brainsfit(lambda m, n, p: ok, "brainsfit", {}) is ok
+    assert brainsfit.run_brainsfit(lambda m, n, p: ok, "brainsfit", {}) is ok
 
 
 # ------------------------------------------------------------------------------------------------ elastix
 
 def test_elastix_parameter_files_hold_the_overrides(tmp_path):
-    paths = tools.write_elastix_parameter_files(tmp_path / "params", ("rigid", "affine"), 0.01, 250,
-                                                       fixed_voxels=1_000_000, seed=3)
+    paths = elastix.write_elastix_parameter_files(tmp_path / "params", ("rigid", "affine"), 0.01, 250,
+                                                  fixed_voxels=1_000_000, seed=3)
     assert len(paths) == 2 and all(os.path.isabs(p) and os.path.exists(p) for p in paths)
     rigid = parse_parameter_text(open(paths[0]).read())
     affine = parse_parameter_text(open(paths[1]).read())
@@ -173,7 +181,7 @@ def read_parameter_files(itk, paths):
 
 def test_elastix_parameter_files_are_read_by_elastix_itself(tmp_path):
     itk = pytest.importorskip("itk")
-    paths = tools.write_elastix_parameter_files(tmp_path, ("rigid", "affine", "bspline"), None, None, 10_000)
+    paths = elastix.write_elastix_parameter_files(tmp_path, ("rigid", "affine", "bspline"), None, None, 10_000)
     parameter_object = read_parameter_files(itk, paths)
     assert parameter_object.GetNumberOfParameterMaps() == 3
     assert parameter_object.GetParameterMap(2)["Transform"][0] == "BSplineTransform"
@@ -181,8 +189,8 @@ def test_elastix_parameter_files_are_read_by_elastix_itself(tmp_path):
 
 
 def test_format_parameter_map_quotes_strings_only():
-    text = tools.format_parameter_map({"Transform": ["EulerTransform"], "NumberOfResolutions": ["3"],
-                                              "GridSpacing": ["10.5", "10.5", "10.5"]})
+    text = elastix.format_parameter_map({"Transform": ["EulerTransform"], "NumberOfResolutions": ["3"],
+                                         "GridSpacing": ["10.5", "10.5", "10.5"]})
     assert '(Transform "EulerTransform")' in text
     assert "(NumberOfResolutions 3)" in text and "(GridSpacing 10.5 10.5 10.5)" in text
 
@@ -217,8 +225,8 @@ class FakeElastixLogic:
 
 def test_run_elastix_passes_initial_transform_and_asks_for_linear_output(tmp_path):
     logic = FakeElastixLogic()
-    run = tools.run_elastix(logic, "fixed", "moving", ["/abs/a.txt"], "out", initial_transform_node="init",
-                                   linear_output=True, keep_temporary_files=True)
+    run = elastix.run_elastix(logic, "fixed", "moving", ["/abs/a.txt"], "out", initial_transform_node="init",
+                              linear_output=True, keep_temporary_files=True)
     call = logic.calls[0]
     assert call["initialTransformNode"] == "init" and call["force_field"] is False
     assert call["files"] == ["/abs/a.txt"] and call["output_transform"] == "out"
@@ -230,7 +238,7 @@ def test_run_elastix_passes_initial_transform_and_asks_for_linear_output(tmp_pat
 def test_run_elastix_failure_surfaces_elastix_error_line():
     logic = FakeElastixLogic(fail_with="ERROR: Too many samples map outside moving image buffer: 112 / 5000")
     with pytest.raises(RegistrationError) as info:
-        tools.run_elastix(logic, "f", "m", ["/a.txt"], "out", linear_output=False)
+        elastix.run_elastix(logic, "f", "m", ["/a.txt"], "out", linear_output=False)
     text = str(info.value)
     assert "Too many samples map outside moving image buffer: 112 / 5000" in text
     assert "exit code 1" in text and "Fix:" in text
@@ -239,15 +247,15 @@ def test_run_elastix_failure_surfaces_elastix_error_line():
 
 def test_run_elastix_too_old_slicerelastix_says_update():
     with pytest.raises(InputError, match="too old.*update SlicerElastix"):
-        tools.run_elastix(FakeElastixLogic(old_signature=True), "f", "m", ["/a.txt"], "out",
-                                 initial_transform_node="init")
+        elastix.run_elastix(FakeElastixLogic(old_signature=True), "f", "m", ["/a.txt"], "out",
+                            initial_transform_node="init")
 
 
 def test_run_elastix_cancel_is_reported():
     logic = FakeElastixLogic()
     logic.cancelRequested = True
     with pytest.raises(Cancelled):
-        tools.run_elastix(logic, "f", "m", ["/a.txt"], "out")
+        elastix.run_elastix(logic, "f", "m", ["/a.txt"], "out")
 
 
 # ----------------------------------------------------------------------------------------- TotalSegmentator
@@ -278,38 +286,38 @@ class FakeTotalSegmentatorLogicOld:
 
 def test_totalsegmentator_new_signature_full_quality_non_interactive():
     logic = FakeTotalSegmentatorLogicNew()
-    assert tools.run_totalsegmentator(logic, "vol", "seg", "total_mr") == "seg"
+    assert totalsegmentator.run_totalsegmentator(logic, "vol", "seg", "total_mr") == "seg"
     assert logic.calls == [dict(quality=None, cpu=False, task="total_mr", interactive=False)]
 
 
 def test_totalsegmentator_old_signature_gets_fast_flag():
     logic = FakeTotalSegmentatorLogicOld()
-    tools.run_totalsegmentator(logic, "vol", "seg", "total", cpu=True)
+    totalsegmentator.run_totalsegmentator(logic, "vol", "seg", "total", cpu=True)
     assert logic.calls == [dict(fast=False, cpu=True, task="total")]
 
 
 def test_totalsegmentator_failure_and_class_ids():
     with pytest.raises(RegistrationError, match="TotalSegmentator failed.*Fix:"):
-        tools.run_totalsegmentator(FakeTotalSegmentatorLogicOld(fail=True), "v", "s", "total")
-    ids = tools.class_ids_for_task("total_mr")
+        totalsegmentator.run_totalsegmentator(FakeTotalSegmentatorLogicOld(fail=True), "v", "s", "total")
+    ids = totalsegmentator.class_ids_for_task("total_mr")
     assert ids["liver"] == 5 and ids["aorta"] == 23
 
 
 def test_rigid_check_for_the_brainsfit_rigid_stage_warning():
-    assert tools._is_rigid(sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, 3.0, -0.4, (5.0, 6.0, 7.0)))
+    assert brainsfit._is_rigid(sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, 3.0, -0.4, (5.0, 6.0, 7.0)))
     scaled = sitk.AffineTransform(3)
     scaled.SetMatrix([1.1, 0, 0, 0, 1, 0, 0, 0, 1])
-    assert not tools._is_rigid(scaled)
+    assert not brainsfit._is_rigid(scaled)
     mirrored = sitk.AffineTransform(3)
     mirrored.SetMatrix([-1.0, 0, 0, 0, 1, 0, 0, 0, 1])
-    assert not tools._is_rigid(mirrored)
+    assert not brainsfit._is_rigid(mirrored)
 
 
 def test_best_task_for_segment_names():
-    assert tools.best_task_for_segment_names(["liver", "lung_upper_lobe_left", "vertebrae_L1"]) == "total"
-    assert tools.best_task_for_segment_names(["liver", "lung_left", "vertebrae"]) == "total_mr"
-    assert tools.best_task_for_segment_names(["liver", "spleen"]) == "total"  # shared names: CT task
-    assert tools.best_task_for_segment_names(["Segment_1", "tumor"]) is None
+    assert totalsegmentator.best_task_for_segment_names(["liver", "lung_upper_lobe_left", "vertebrae_L1"]) == "total"
+    assert totalsegmentator.best_task_for_segment_names(["liver", "lung_left", "vertebrae"]) == "total_mr"
+    assert totalsegmentator.best_task_for_segment_names(["liver", "spleen"]) == "total"  # shared names: CT task
+    assert totalsegmentator.best_task_for_segment_names(["Segment_1", "tumor"]) is None
 
 
 # ------------------------------------------------------------------------------------------- panel text
@@ -318,14 +326,14 @@ def test_verdict_rich_text_colours_escapes_and_cuts_reasons():
     from MultimodalPrealignLib.qa.report_html import VERDICT_STYLE
 
     reasons = ["FAIL: overlap < 10%", "WARN: NMI gain <b>small</b>", "WARN: third", "WARN: fourth"]
-    text = tools.verdict_rich_text("FAIL", reasons, max_reasons=2)
+    text = result_panel.verdict_rich_text("FAIL", reasons, max_reasons=2)
     assert f'color:{VERDICT_STYLE["FAIL"][0]}' in text and ">FAIL</b>" in text
     assert "overlap &lt; 10%" in text and "&lt;b&gt;small&lt;/b&gt;" in text  # reasons are text, not markup
     assert "third" not in text and "... 2 more in the table and in report.html" in text
-    noted = tools.verdict_rich_text("WARN", reasons + ["NOTE: automatic fallback: attempt 2"], max_reasons=1)
+    noted = result_panel.verdict_rich_text("WARN", reasons + ["NOTE: automatic fallback: attempt 2"], max_reasons=1)
     assert "NOTE: automatic fallback: attempt 2" in noted and "... 3 more" in noted
-    assert f'color:{VERDICT_STYLE["PASS"][0]}' in tools.verdict_rich_text("PASS", ["all good"])
-    unjudged = tools.verdict_rich_text(None, [])
+    assert f'color:{VERDICT_STYLE["PASS"][0]}' in result_panel.verdict_rich_text("PASS", ["all good"])
+    unjudged = result_panel.verdict_rich_text(None, [])
     assert "not judged" in unjudged and f'color:{VERDICT_STYLE["WARN"][0]}' in unjudged and "<ul>" not in unjudged
 
 
@@ -336,7 +344,7 @@ def test_picture_entries_grid_before_left_after_right(tmp_path):
         (tmp_path / "pictures" / f"{name}.png").write_bytes(b"png")
     pictures = {name: f"pictures/{name}.png" for name in names}
     pictures["checkerboard_after"] = "pictures/missing.png"  # not on disk: left out
-    entries = tools.picture_entries(pictures, tmp_path)
+    entries = result_panel.picture_entries(pictures, tmp_path)
     grid = [(e["key"], e["row"], e["column"]) for e in entries]
     # KIND_TITLES order (outlines, edges, checkerboard, fusion), unknown kinds last; before left, after right.
     assert grid == [("outlines_before", 0, 0), ("outlines_after", 0, 1), ("edges_after", 1, 1),
@@ -344,18 +352,18 @@ def test_picture_entries_grid_before_left_after_right(tmp_path):
     assert all(os.path.isabs(e["path"]) and os.path.isfile(e["path"]) for e in entries)
     assert entries[0]["title"] == "Structure outlines: before"
     assert "BEFORE registration" in entries[0]["tooltip"] and "Click to open" in entries[0]["tooltip"]
-    assert tools.picture_entries({}, tmp_path) == []
+    assert result_panel.picture_entries({}, tmp_path) == []
 
 
 def test_new_report_directory_is_unique_and_named_after_the_pair(tmp_path):
     import datetime
 
     now = datetime.datetime(2026, 11, 22, 6, 30, 5, tzinfo=datetime.timezone.utc)
-    first = tools.new_report_directory(tmp_path, "T2 MR/axial", "CT (bone)", now)
+    first = quality_check.new_report_directory(tmp_path, "T2 MR/axial", "CT (bone)", now)
     assert first == tmp_path / "MultimodalPrealign" / "20261122-063005_T2_MR_axial_to_CT_bone"
     assert not first.exists()
     first.mkdir(parents=True)
-    assert tools.new_report_directory(tmp_path, "T2 MR/axial", "CT (bone)", now).name.endswith("_bone_2")
+    assert quality_check.new_report_directory(tmp_path, "T2 MR/axial", "CT (bone)", now).name.endswith("_bone_2")
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +390,7 @@ def test_write_quality_check_writes_everything_in_place_and_keeps_fallback_notes
 
     fixed, moving, before, after = tiny_pair
     report = tiny_report(tiny_pair)
-    out = tools.write_quality_check(report, tmp_path / "run", fixed, moving, before, after)
+    out = quality_check.write_quality_check(report, tmp_path / "run", fixed, moving, before, after)
     assert out["verdict"] == report["verdict"] in ("PASS", "WARN", "FAIL")
     assert report["verdict_reasons"][-1] == "NOTE: automatic fallback: attempt 2 was used"
     assert out["directory"] == str((tmp_path / "run").resolve())
@@ -393,17 +401,17 @@ def test_write_quality_check_writes_everything_in_place_and_keeps_fallback_notes
     assert saved["verdict"] == report["verdict"] and saved["verdict_reasons"] == report["verdict_reasons"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left behind
     # Again into the same folder: our own outputs are replaced; a folder with other files is refused.
-    again = tools.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
+    again = quality_check.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
     assert again["pictures"] == out["pictures"]
     (tmp_path / "run" / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="already holds other files"):
-        tools.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
+        quality_check.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
 
 
 def test_write_quality_check_without_pictures_writes_nothing(tiny_pair, tmp_path):
     fixed, moving, before, after = tiny_pair
     report = tiny_report(tiny_pair)
-    out = tools.write_quality_check(report, None, fixed, moving, before, after, write_pictures=False)
+    out = quality_check.write_quality_check(report, None, fixed, moving, before, after, write_pictures=False)
     assert out == {"verdict": report["verdict"], "directory": None, "pictures": {}, "html": None}
     assert "NOTE: automatic fallback: attempt 2 was used" in report["verdict_reasons"]
     assert list(tmp_path.iterdir()) == []
@@ -419,7 +427,7 @@ def test_write_quality_check_failure_leaves_no_half_written_folder(tiny_pair, tm
     monkeypatch.setattr(reporting, "finish_report", failing_finish_report)
     fixed, moving, before, after = tiny_pair
     with pytest.raises(RuntimeError, match="disk full"):
-        tools.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
+        quality_check.write_quality_check(tiny_report(tiny_pair), tmp_path / "run", fixed, moving, before, after)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -430,11 +438,11 @@ def test_diagnostics_lines_name_a_missing_shared_frame():
                           "extent_mm": [256.0, 256.0, 235.0]},
                "header_overlap_fraction": 0.0, "voxel_volume_ratio_moving_over_fixed": 6.6,
                "extent_ratio_moving_over_fixed": [1.28, 1.28, 0.92]}
-    lines = tools.diagnostics_lines(summary)
+    lines = pair_diagnostics.diagnostics_lines(summary)
     assert lines[0].startswith("Fixed 'CT': 512 x 512 x 409 voxels, spacing 0.39 x 0.39 x 0.625 mm")
     assert "6.6" in lines[2] and "no shared frame" in lines[3]
     summary["header_overlap_fraction"] = 0.42
-    assert tools.diagnostics_lines(summary)[3] == "Header overlap: 42% of the smaller volume's box."
+    assert pair_diagnostics.diagnostics_lines(summary)[3] == "Header overlap: 42% of the smaller volume's box."
 
 
 # ---------------------------------------------------- the whole pipeline with CropVolume + BRAINSFit/Elastix
@@ -496,7 +504,7 @@ class FakeBRAINSFitCLI:
         fixed = sitk.Cast(mrml_bridge.volume_node_to_sitk(get(params["fixedVolume"])), sitk.sitkFloat32)
         moving = sitk.Cast(mrml_bridge.volume_node_to_sitk(get(params["movingVolume"])), sitk.sitkFloat32)
         initial = mrml_bridge.sitk_from_transform_node(get(params["initialTransform"]))
-        stages = tuple(s for s, flag in tools.BRAINSFIT_STAGE_FLAGS.items() if params.get(flag))
+        stages = tuple(s for s, flag in brainsfit.BRAINSFIT_STAGE_FLAGS.items() if params.get(flag))
         settings = RegistrationSettings(engine="itk", stages=stages,
                                         sampling_percentage=params.get("samplingPercentage"),
                                         iterations=params.get("numberOfIterations")).validate()
@@ -523,22 +531,23 @@ def test_pipeline_with_cropvolume_and_brainsfit_puts_original_moving_volume_in_p
     fixed_node = mrml_bridge.add_volume_from_sitk(scene, pair.fixed, "CT")
     moving_node = mrml_bridge.add_volume_from_sitk(scene, pair.moving, "MR")
     crop_logic = FakeCropVolumeLogic()
-    brainsfit = FakeBRAINSFitCLI(scene)
-    services = tools.SlicerServices(scene=scene, crop_logic=crop_logic, temp_dir=str(tmp_path),
-                                           run_sync=brainsfit, brainsfit_module="brainsfit-module")
-    run = tools.SlicerToolsRun(services, "brainsfit", fixed_node, moving_node)
+    brainsfit_cli = FakeBRAINSFitCLI(scene)
+    services = engine_run.SlicerServices(scene=scene, crop_logic=crop_logic, temp_dir=str(tmp_path),
+                                         run_sync=brainsfit_cli, brainsfit_module="brainsfit-module")
+    run = engine_run.SlicerToolsRun(services, "brainsfit", fixed_node, moving_node)
     nodes_before = scene.GetNumberOfNodes()
     options = PipelineOptions.create(prealign="moments", stages=("rigid",), iterations=200)
-    result = tools.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
+    result = engine_run.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
 
     # CropVolume got the plan's boxes and a spacing scale that yields the working spacing.
     fixed_p, moving_p = crop_logic.parameter_nodes
-    assert fixed_p.GetInputVolumeNodeID() == fixed_node.GetID() and moving_p.GetInputVolumeNodeID() == moving_node.GetID()
+    assert fixed_p.GetInputVolumeNodeID() == fixed_node.GetID()
+    assert moving_p.GetInputVolumeNodeID() == moving_node.GetID()
     assert not fixed_p.GetVoxelBased() and fixed_p.GetIsotropicResampling()
     assert min(pair.fixed.GetSpacing()) * fixed_p.GetSpacingScalingConst() == pytest.approx(
         result.crop.working_spacing_mm[0], rel=1e-6)
     # BRAINSFit got the pre-alignment as initial transform and the overrides.
-    params = brainsfit.parameters[0]
+    params = brainsfit_cli.parameters[0]
     assert params["initializeTransformMode"] == "Off" and params["numberOfIterations"] == 200
     assert params["useRigid"] and "linearTransform" in params
     # Temporary nodes (ROIs, crops, transforms, parameter nodes) are gone.
@@ -614,13 +623,13 @@ def test_pipeline_with_slicerelastix_uses_our_parameter_files_and_initial_transf
     pytest.importorskip("itk")
     fixed_node = mrml_bridge.add_volume_from_sitk(scene, pair.fixed, "CT")
     moving_node = mrml_bridge.add_volume_from_sitk(scene, pair.moving, "MR")
-    elastix = ItkElastixStandInLogic(scene, tmp_path)
-    services = tools.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path),
-                                           elastix_logic=elastix)
-    run = tools.SlicerToolsRun(services, "elastix", fixed_node, moving_node)
+    elastix_logic = ItkElastixStandInLogic(scene, tmp_path)
+    services = engine_run.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path),
+                                         elastix_logic=elastix_logic)
+    run = engine_run.SlicerToolsRun(services, "elastix", fixed_node, moving_node)
     options = PipelineOptions.create(prealign="moments", stages=("rigid",), iterations=150)
-    result = tools.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
-    call = elastix.calls[0]
+    result = engine_run.run_pipeline_with_slicer_tools(pair.fixed, pair.moving, options, run)
+    call = elastix_logic.calls[0]
     assert call["initialTransformNode"] is not None and call["force_field"] is False
     assert all(str(tmp_path) in f for f in call["files"])
     assert result.report["registration"]["engine"].startswith("elastix")
@@ -629,11 +638,11 @@ def test_pipeline_with_slicerelastix_uses_our_parameter_files_and_initial_transf
 
 
 def test_slicer_engines_missing_are_explained(scene, tmp_path):
-    services = tools.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path))
+    services = engine_run.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path))
     with pytest.raises(InputError, match="SlicerElastix extension is not installed.*core"):
-        tools.SlicerToolsRun(services, "elastix", None, None)
+        engine_run.SlicerToolsRun(services, "elastix", None, None)
     with pytest.raises(InputError, match="BRAINSFit.*not available"):
-        tools.SlicerToolsRun(services, "brainsfit", None, None)
+        engine_run.SlicerToolsRun(services, "brainsfit", None, None)
 
 
 def test_fill_quality_table_on_a_real_table_node_headers_lock_and_reuse(tiny_pair):
@@ -644,7 +653,7 @@ def test_fill_quality_table_on_a_real_table_node_headers_lock_and_reuse(tiny_pai
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", "quality")
     for _ in range(2):  # filling again replaces the rows
-        tools.fill_quality_table(node, report)
+        quality_check.fill_quality_table(node, report)
         columns, rows = tables.metrics_table(report)
         assert [node.GetColumnName(c) for c in range(node.GetNumberOfColumns())] == list(columns)
         assert [[node.GetCellText(r, c) for c in range(len(columns))] for r in range(node.GetNumberOfRows())] == rows

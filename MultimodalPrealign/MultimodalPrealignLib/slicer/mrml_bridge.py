@@ -1,4 +1,4 @@
-"""MRML <-> core conversions for the Slicer module (volume nodes, transform nodes, segmentations, ROIs, crop).
+"""MRML <-> core conversions for the Slicer module (volume nodes, transform nodes, ROIs, segmentations).
 
 ``slicer`` and ``vtk`` are imported lazily INSIDE the functions, so the core stays importable without
 Slicer. Everything here works with the full Slicer application and with the ``slicer-core`` wheel
@@ -26,21 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..geometry import transforms
+from ..geometry import image_space, transforms
 from ..geometry.image_space import Box
 
 #: x and y flip between LPS and RAS (3x3), from geometry.transforms.
 FLIP_XY = transforms.LPS_TO_RAS[:3, :3]
-
-#: CropVolume interpolation modes (vtkMRMLCropVolumeParametersNode).
-CROP_INTERPOLATION = {"nearest": 1, "linear": 2, "windowedsinc": 3, "bspline": 4}
-
-#: vtkSlicerCropVolumeLogic::Apply return codes -> what they mean.
-CROP_APPLY_ERRORS = {
-    -1: "invalid input (missing input volume, ROI or parameter node)",
-    -2: "the Volumes module logic is not available to CropVolume",
-    -3: "the resampling module (ResampleScalarVectorDWIVolume) needed for interpolated cropping is missing",
-}
 
 
 # ----------------------------------------------------------------------------------------------- matrices
@@ -64,10 +54,10 @@ def numpy_to_vtk_matrix(array: np.ndarray):
 
 def ijk_to_ras_from_sitk(image: sitk.Image) -> np.ndarray:
     """IJKToRAS 4x4 of a SimpleITK image (origin, spacing, direction; LPS -> RAS)."""
-    direction_lps = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    a, origin = image_space.index_to_physical_matrix(image)
     m = np.eye(4)
-    m[:3, :3] = FLIP_XY @ direction_lps @ np.diag(image.GetSpacing())
-    m[:3, 3] = FLIP_XY @ np.asarray(image.GetOrigin(), dtype=float)
+    m[:3, :3] = FLIP_XY @ a
+    m[:3, 3] = FLIP_XY @ origin
     return m
 
 
@@ -111,7 +101,8 @@ def volume_node_to_sitk(volume_node, what: str = "volume") -> sitk.Image:
     components = scalars.GetNumberOfComponents()
     if components != 1:
         raise InputError(f"The {what} {_node_label(volume_node)} has {components} components per voxel",
-                         "give a scalar (grey-level) volume; convert colour/vector volumes first (Vector to Scalar Volume)")
+                         "give a scalar (grey-level) volume; convert colour/vector volumes first "
+                         "(Vector to Scalar Volume)")
     array = numpy_support.vtk_to_numpy(scalars).reshape(dims[2], dims[1], dims[0]).copy()
     image = sitk.GetImageFromArray(array)
     ijk_to_ras = _ijk_to_ras(volume_node)
@@ -183,17 +174,24 @@ def set_transform_node_from_sitk(transform_node, fixed_to_moving: sitk.Transform
         to_parent = transforms.fixed_to_moving_lps_to_slicer_to_parent_ras(transforms.to_matrix(fixed_to_moving))
         transform_node.SetMatrixTransformToParent(numpy_to_vtk_matrix(to_parent))
         return transform_node
+    with _transform_file(temp_dir, "fixed_to_moving_lps.h5") as path:
+        transforms.write_transform(fixed_to_moving, path)
+        _read_transform_file_into_node(transform_node, path)
+    return transform_node
+
+
+@contextmanager
+def _transform_file(temp_dir: str | None, file_name: str):
+    """Path of ``file_name`` in ``temp_dir`` (left there), or in a new temporary folder removed after the block."""
     folder = Path(temp_dir or tempfile.mkdtemp(prefix="MultimodalPrealign-"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "fixed_to_moving_lps.h5"
-    transforms.write_transform(fixed_to_moving, path)
+    path = folder / file_name
     try:
-        _read_transform_file_into_node(transform_node, path)
+        yield path
     finally:
         if temp_dir is None:
             _remove_quietly(path)
             _remove_quietly(folder)
-    return transform_node
 
 
 @contextmanager
@@ -232,17 +230,10 @@ def sitk_from_transform_node(transform_node, temp_dir: str | None = None) -> sit
         transform_node.GetMatrixTransformToParent(matrix)
         lps = transforms.slicer_to_parent_ras_to_fixed_to_moving_lps(vtk_matrix_to_numpy(matrix))
         return transforms.affine_from_matrix(lps)
-    folder = Path(temp_dir or tempfile.mkdtemp(prefix="MultimodalPrealign-"))
-    path = folder / "slicer_transform.h5"
-    try:
-        with _transform_storage(transform_node, path) as storage:
-            if not storage.WriteData(transform_node):
-                raise RuntimeError(f"Slicer could not write the transform '{transform_node.GetName()}' to {path}")
-            return transforms.read_transform(path)
-    finally:
-        if temp_dir is None:
-            _remove_quietly(path)
-            _remove_quietly(folder)
+    with _transform_file(temp_dir, "slicer_transform.h5") as path, _transform_storage(transform_node, path) as storage:
+        if not storage.WriteData(transform_node):
+            raise RuntimeError(f"Slicer could not write the transform '{transform_node.GetName()}' to {path}")
+        return transforms.read_transform(path)
 
 
 def apply_to_volume(volume_node, transform_node) -> None:
@@ -269,7 +260,7 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-# ------------------------------------------------------------------------------------------- ROI and crop
+# ---------------------------------------------------------------------------------------------------- ROI
 
 def box_lps_to_ras(box: Box) -> tuple[np.ndarray, np.ndarray]:
     """(center_ras, size_mm) of an axis-aligned LPS box. The box stays axis aligned in RAS."""
@@ -295,65 +286,6 @@ def box_from_roi(roi_node) -> Box:
     return Box(tuple(corners.min(0).tolist()), tuple(corners.max(0).tolist()))
 
 
-def crop_spacing_scale(input_spacing_mm, working_spacing_mm, isotropic: bool) -> float:
-    """CropVolume's SpacingScalingConst that gives the planned working spacing.
-
-    CropVolume's interpolated output spacing is min(input spacing) x scale when isotropic, else input
-    spacing x scale per axis (one scale for all axes: the largest ratio, so no axis is finer than planned).
-    """
-    spacing = np.asarray(input_spacing_mm, dtype=float)
-    target = np.asarray(working_spacing_mm, dtype=float) * np.ones(3)
-    if isotropic:
-        return float(np.max(target) / np.min(spacing))
-    return float(np.max(target / spacing))
-
-
-def crop_parameters_node(scene, input_volume_node, roi_node, output_volume_node=None, voxel_based: bool = False,
-                         spacing_scale: float = 1.0, isotropic: bool = True, interpolation: str = "linear",
-                         fill_value: float = 0.0):
-    """A vtkMRMLCropVolumeParametersNode set up for one crop."""
-    import slicer
-
-    if interpolation not in CROP_INTERPOLATION:
-        raise InputError(f"Unknown crop interpolation '{interpolation}'", "use " + ", ".join(CROP_INTERPOLATION))
-    # Created directly: the class is registered with a scene only once a CropVolume logic has seen it.
-    node = scene.AddNode(slicer.vtkMRMLCropVolumeParametersNode())
-    node.SetInputVolumeNodeID(input_volume_node.GetID())
-    node.SetROINodeID(roi_node.GetID())
-    node.SetOutputVolumeNodeID(output_volume_node.GetID() if output_volume_node is not None else None)
-    node.SetVoxelBased(bool(voxel_based))
-    node.SetIsotropicResampling(bool(isotropic))
-    node.SetSpacingScalingConst(float(spacing_scale))
-    node.SetInterpolationMode(CROP_INTERPOLATION[interpolation])
-    node.SetFillValue(float(fill_value))
-    return node
-
-
-def apply_crop(crop_logic, parameters_node):
-    """Run CropVolume (``crop_logic.Apply``) and return the output volume node; explain failures."""
-    code = crop_logic.Apply(parameters_node)
-    if code != 0:
-        cause = CROP_APPLY_ERRORS.get(code, f"error code {code}")
-        raise RuntimeError(f"CropVolume failed: {cause}")
-    scene = parameters_node.GetScene()
-    output_id = parameters_node.GetOutputVolumeNodeID()
-    output = scene.GetNodeByID(output_id) if scene is not None and output_id else None
-    if output is None or output.GetImageData() is None:
-        raise RuntimeError("CropVolume returned no output volume")
-    return output
-
-
-def crop_voxel_based(roi_node, input_volume_node, output_volume_node, fill_value: float = 0.0):
-    """Voxel-based crop (no resampling; same voxels and grid as the input) through CropVolume's static call."""
-    import slicer
-
-    code = slicer.vtkSlicerCropVolumeLogic.CropVoxelBased(roi_node, input_volume_node, output_volume_node,
-                                                          True, float(fill_value))
-    if code != 0:
-        raise RuntimeError(f"CropVolume voxel-based crop failed (code {code}): the ROI may not intersect the volume")
-    return output_volume_node
-
-
 # ------------------------------------------------------------------------------------------ segmentations
 
 def labelmap_from_segmentation(segmentation_node, reference_volume_node, class_ids: dict,
@@ -366,9 +298,17 @@ def labelmap_from_segmentation(segmentation_node, reference_volume_node, class_i
     info = {"matched": {name: segment_id}, "unmatched_segments": [...]}. Raises InputError when no
     segment matches.
     """
-    import slicer
-    import vtk
+    matched, unmatched = _segments_of_classes(segmentation_node, class_ids)
+    names = sorted(matched, key=lambda n: int(class_ids[n]))
+    exported = _export_segments(segmentation_node, [matched[name] for name in names], reference_volume_node,
+                                labelmap_node)
+    reference = volume_node_to_sitk(reference_volume_node, "reference volume")
+    labels = _with_class_ids(exported, reference, [int(class_ids[name]) for name in names])
+    return labels, {"matched": {n: matched[n] for n in names}, "unmatched_segments": unmatched}
 
+
+def _segments_of_classes(segmentation_node, class_ids: dict) -> tuple[dict, list]:
+    """({class name: segment ID} matched by segment ID, then by segment name; [unmatched segment IDs])."""
     segmentation = segmentation_node.GetSegmentation()
     matched: dict = {}
     unmatched: list = []
@@ -387,10 +327,21 @@ def labelmap_from_segmentation(segmentation_node, reference_volume_node, class_i
             "TotalSegmentator class name",
             "segment the volume with TotalSegmentator (task 'total' for CT, 'total_mr' for MR) or leave the "
             "segmentation empty")
-    names = sorted(matched, key=lambda n: int(class_ids[n]))
+    return matched, unmatched
+
+
+def _export_segments(segmentation_node, segment_ids: list, reference_volume_node, labelmap_node=None):
+    """Slicer's export of ``segment_ids`` to a label map on the reference geometry: values 1..N in the order given.
+
+    Returns the label map as a SimpleITK image, or None when the export holds no voxels. Without ``labelmap_node``
+    a temporary one is used, and every node the export added is removed again.
+    """
+    import slicer
+    import vtk
+
     ids = vtk.vtkStringArray()
-    for name in names:
-        ids.InsertNextValue(matched[name])
+    for segment_id in segment_ids:
+        ids.InsertNextValue(segment_id)
     scene = segmentation_node.GetScene()
     own_node = labelmap_node is None
     nodes_before = _node_ids(scene)
@@ -398,10 +349,12 @@ def labelmap_from_segmentation(segmentation_node, reference_volume_node, class_i
         labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MultimodalPrealign_labels__")
     try:
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, labelmap_node, reference_volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+            segmentation_node, ids, labelmap_node, reference_volume_node,
+            slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
         if not ok:
-            raise RuntimeError(f"Slicer could not export the segments of '{segmentation_node.GetName()}' to a label map")
-        exported = volume_node_to_sitk(labelmap_node, "label map") if labelmap_node.GetImageData() is not None else None
+            raise RuntimeError(
+                f"Slicer could not export the segments of '{segmentation_node.GetName()}' to a label map")
+        return volume_node_to_sitk(labelmap_node, "label map") if labelmap_node.GetImageData() is not None else None
     finally:
         # The export adds a display node and a colour table; a temporary label map leaves nothing behind.
         keep = set() if own_node else {labelmap_node.GetID()}
@@ -409,22 +362,24 @@ def labelmap_from_segmentation(segmentation_node, reference_volume_node, class_i
             node = scene.GetNodeByID(node_id)
             if node is not None and not (not own_node and node_id in _display_and_color_ids(labelmap_node)):
                 scene.RemoveNode(node)
-    reference = volume_node_to_sitk(reference_volume_node, "reference volume")
+
+
+def _with_class_ids(exported, reference: sitk.Image, class_ids_in_order: list) -> sitk.Image:
+    """The export's values 1..N replaced by the task's class ids (anything else 0), on ``reference``'s grid."""
     if exported is None:
         exported_array = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint16)
         exported = sitk.GetImageFromArray(exported_array)
         exported.CopyInformation(reference)
-    # Export numbers the segments 1..N in the order given: map them to the task's class ids.
-    lookup = np.zeros(len(names) + 1, dtype=np.uint16)
-    for i, name in enumerate(names):
-        lookup[i + 1] = int(class_ids[name])
+    lookup = np.zeros(len(class_ids_in_order) + 1, dtype=np.uint16)
+    for i, class_id in enumerate(class_ids_in_order):
+        lookup[i + 1] = class_id
     index = sitk.GetArrayFromImage(exported).astype(np.int64)
-    index[(index < 0) | (index > len(names))] = 0
+    index[(index < 0) | (index > len(class_ids_in_order))] = 0
     labels = sitk.GetImageFromArray(lookup[index])
     labels.CopyInformation(exported)
     if labels.GetSize() != reference.GetSize() or not np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3):
         labels = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
-    return labels, {"matched": {n: matched[n] for n in names}, "unmatched_segments": unmatched}
+    return labels
 
 
 def _node_ids(scene) -> set:
@@ -437,40 +392,3 @@ def _display_and_color_ids(volume_node) -> set:
         return set()
     color = display.GetColorNode()
     return {display.GetID()} | ({color.GetID()} if color is not None else set())
-
-
-# ------------------------------------------------------------------------------------------ diagnostics
-
-def _ras_bounds(volume_node) -> tuple[np.ndarray, np.ndarray]:
-    bounds = [0.0] * 6
-    volume_node.GetRASBounds(bounds)
-    return np.array(bounds[0::2], dtype=float), np.array(bounds[1::2], dtype=float)
-
-
-def pair_header_summary(fixed_node, moving_node) -> dict:
-    """Header-only facts about a pair (no voxel copy): sizes, spacings, extents, overlap of the boxes as stored.
-
-    ``header_overlap_fraction``: share of the smaller volume's box (RAS, axis aligned) inside the other
-    one's box when both headers are trusted; 0 means the headers share no frame or the scans do not overlap.
-    """
-    summary: dict = {}
-    boxes = {}
-    for key, node in (("fixed", fixed_node), ("moving", moving_node)):
-        image_data = node.GetImageData()
-        dims = list(image_data.GetDimensions()) if image_data is not None else [0, 0, 0]
-        lower, upper = _ras_bounds(node)
-        boxes[key] = (lower, upper)
-        summary[key] = {"name": node.GetName(), "size": dims, "spacing_mm": [round(float(s), 4) for s in node.GetSpacing()],
-                        "extent_mm": [round(float(v), 1) for v in (upper - lower)]}
-    lower = np.maximum(boxes["fixed"][0], boxes["moving"][0])
-    upper = np.minimum(boxes["fixed"][1], boxes["moving"][1])
-    overlap = float(np.prod(np.maximum(upper - lower, 0.0)))
-    volumes = [float(np.prod(np.maximum(b[1] - b[0], 0.0))) for b in boxes.values()]
-    smaller = max(min(volumes), 1e-9)
-    fixed_spacing = np.asarray(fixed_node.GetSpacing(), dtype=float)
-    moving_spacing = np.asarray(moving_node.GetSpacing(), dtype=float)
-    summary["header_overlap_fraction"] = round(min(1.0, overlap / smaller), 4)
-    summary["voxel_volume_ratio_moving_over_fixed"] = round(float(np.prod(moving_spacing) / np.prod(fixed_spacing)), 3)
-    summary["extent_ratio_moving_over_fixed"] = [
-        round(float(m / max(f, 1e-9)), 3) for m, f in zip(summary["moving"]["extent_mm"], summary["fixed"]["extent_mm"])]
-    return summary
