@@ -1,4 +1,5 @@
-"""Anatomy pre-alignment from TotalSegmentator label maps: phantoms with exact truth, and real TotalSegmentator output."""
+"""Anatomy pre-alignment from TotalSegmentator label maps: phantoms with exact truth, and real TotalSegmentator
+output."""
 
 from __future__ import annotations
 

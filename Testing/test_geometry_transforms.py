@@ -93,7 +93,8 @@ def test_slicer_ras_matrix_moves_moving_points_onto_fixed():
 
 
 def test_transform_file_round_trip(tmp_path):
-    affine = transforms.affine_from_matrix(np.array([[1.1, 0.1, 0, 5], [0, 0.9, 0.05, -3], [0, 0, 1.0, 2], [0, 0, 0, 1]]))
+    affine = transforms.affine_from_matrix(np.array([[1.1, 0.1, 0, 5], [0, 0.9, 0.05, -3], [0, 0, 1.0, 2],
+                                                     [0, 0, 0, 1]]))
     transforms.write_transform(affine, tmp_path / "t.h5")
     back = transforms.read_transform(tmp_path / "t.h5")
     points = np.random.default_rng(1).uniform(-100, 100, (10, 3))

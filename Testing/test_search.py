@@ -208,9 +208,9 @@ def _shift(mm: float) -> np.ndarray:
 
 
 def test_thin_slab_whose_best_rotation_guess_is_wrong():
-    # search_benchmark.py synthetic case 38: a 23% slab, 16 degrees and 51 mm off. One wrong starting rotation
-    # (grid6) slid along the torso took all 12 local starts and the result was 215 mm off; the right basin
-    # (rank 18, the identity rotation slid 44 mm) scores 1.02 against 0.62 once it is searched locally.
+    # Synthetic case 38 of the partial-FOV study (docs/search.md): a 23% slab, 16 degrees and 51 mm off. One wrong
+    # starting rotation (grid6) slid along the torso took all 12 local starts and the result was 215 mm off; the
+    # right basin (rank 18, the identity rotation slid 44 mm) scores 1.02 against 0.62 once it is searched locally.
     pair = phantoms.make_pair(seed=7919 * 38, moving_fov="slab", slab_fraction=0.2267, rotation_deg=16.43,
                               translation_mm=51.1, flip=False, labels=False, fixed_spacing=(2.0, 2.0, 2.0),
                               moving_spacing=(1.5, 1.5, 4.0))

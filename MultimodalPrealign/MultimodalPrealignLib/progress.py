@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from .errors import Cancelled
 
@@ -15,8 +15,8 @@ ProgressCallback = Callable[[str, float, str], None]
 class Progress:
     """Reports pipeline progress; ``cancel_requested()`` returning True stops the run at the next check."""
 
-    def __init__(self, callback: Optional[ProgressCallback] = None,
-                 cancel_requested: Optional[Callable[[], bool]] = None):
+    def __init__(self, callback: ProgressCallback | None = None,
+                 cancel_requested: Callable[[], bool] | None = None):
         self.callback = callback
         self.cancel_requested = cancel_requested
         self.started = time.perf_counter()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import SimpleITK as sitk
 
 from ..progress import SILENT, Progress
+from .elastix_engine import register_elastix
+from .itk_engine import register_itk
 from .settings import ENGINES, STAGES, EngineResult, RegistrationSettings, itk_preset
 
 __all__ = ["ENGINES", "STAGES", "EngineResult", "RegistrationSettings", "itk_preset", "register"]
@@ -22,9 +24,7 @@ def register(fixed_work: sitk.Image, moving_work: sitk.Image, initial_fixed_to_m
     """Run the chosen engine's stages in order, each starting from the previous result."""
     settings.validate()
     if settings.engine == "itk":
-        from .itk_engine import register_itk
-
-        return register_itk(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask, moving_mask)
-    from .elastix_engine import register_elastix
-
-    return register_elastix(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask, moving_mask)
+        return register_itk(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask,
+                            moving_mask)
+    return register_elastix(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask,
+                            moving_mask)

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError, RegistrationError
 from ..geometry import transforms
+from ..geometry.image_space import direction_matrix
 from ..progress import SILENT, Progress
 from ..resource_files import load_resource_text
 from .guards import guarded_stage
@@ -26,6 +27,10 @@ from .settings import EngineResult, RegistrationSettings, itk_preset
 
 #: elastix never gets fewer spatial samples than this (its own default is 2048).
 MIN_SPATIAL_SAMPLES = 2048
+
+#: Parameters of each stage recorded in report.json (``settings_used["parameters_per_stage"]``).
+RECORDED_PARAMETERS = ("Transform", "Metric", "NumberOfResolutions", "MaximumNumberOfIterations",
+                       "NumberOfSpatialSamples", "NumberOfHistogramBins", "RandomSeed")
 
 
 def parse_parameter_text(text: str) -> dict[str, list[str]]:
@@ -56,18 +61,19 @@ def stage_parameters(stage: str, settings: RegistrationSettings, fixed_voxels: i
     return params
 
 
-def _to_itk(image: sitk.Image, dtype=np.float32):
+def to_itk_image(image: sitk.Image, dtype=np.float32):
     """An itk image with the same voxels (as ``dtype``) and geometry; masks use ``np.uint8``."""
     import itk
 
     out = itk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(image), dtype=dtype))
     out.SetOrigin(image.GetOrigin())
     out.SetSpacing(image.GetSpacing())
-    out.SetDirection(itk.matrix_from_array(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)))
+    out.SetDirection(itk.matrix_from_array(direction_matrix(image)))
     return out
 
 
-def _itk_affine(transform: sitk.Transform):
+def itk_affine_transform(transform: sitk.Transform):
+    """An ``itk.AffineTransform`` equal to a linear SimpleITK transform (same fixed->moving mapping)."""
     import itk
 
     m = transforms.to_matrix(transform)
@@ -122,13 +128,15 @@ def translate_elastix_log(log: str) -> str:
 def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, settings: RegistrationSettings,
                      progress: Progress = SILENT, fixed_mask: sitk.Image | None = None,
                      moving_mask: sitk.Image | None = None) -> EngineResult:
+    """Run ``settings.stages`` in order from ``initial`` (linear); the result (fixed->moving, LPS mm) includes it."""
     try:
-        import itk
+        import itk  # noqa: F401 - checked here so a missing package gives one line
     except ImportError:  # pragma: no cover - itk-elastix is a dependency
         raise InputError("The elastix engine needs the itk-elastix package", "pip install itk-elastix") from None
     if not transforms.is_linear(initial):
-        raise RegistrationError("The elastix engine needs a linear pre-alignment", "use a rigid or affine pre-alignment")
-    fixed_itk, moving_itk = _to_itk(fixed), _to_itk(moving)
+        raise RegistrationError("The elastix engine needs a linear pre-alignment",
+                                "use a rigid or affine pre-alignment")
+    fixed_itk, moving_itk = to_itk_image(fixed), to_itk_image(moving)
     fixed_voxels = int(np.prod(fixed.GetSize()))
     total = initial
     records, logs, used, warnings = [], [], {}, []
@@ -139,36 +147,10 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
             progress.report("register", 0.5 + 0.4 * index / len(settings.stages), f"{stage} stage (elastix)")
             started = time.perf_counter()
             params = stage_parameters(stage, settings, fixed_voxels)
-            used[stage] = {k: params[k] for k in ("Transform", "Metric", "NumberOfResolutions",
-                                                  "MaximumNumberOfIterations", "NumberOfSpatialSamples",
-                                                  "NumberOfHistogramBins", "RandomSeed") if k in params}
-            parameter_object = itk.ParameterObject.New()
-            parameter_object.AddParameterMap(params)
-            method = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
-            method.SetParameterObject(parameter_object)
-            method.SetExternalInitialTransform(_itk_affine(total))
-            if fixed_mask is not None:
-                method.SetFixedMask(_to_itk(fixed_mask, np.uint8))
-            if moving_mask is not None:
-                method.SetMovingMask(_to_itk(moving_mask, np.uint8))
-            stage_dir = workdir / stage
-            stage_dir.mkdir()
-            method.SetOutputDirectory(str(stage_dir))
-            method.SetLogToConsole(False)
-            method.SetLogToFile(True)
-            method.SetLogFileName("elastix.log")
-            try:
-                method.UpdateLargestPossibleRegion()
-            except RuntimeError as err:
-                log = _read_log(stage_dir) + "\n" + str(err)
-                raise RegistrationError(f"The {stage} stage failed: " + translate_elastix_log(log),
-                                        "start closer (--prealign search or anatomy), enlarge --crop-margin, "
-                                        "or try --engine itk") from None
-            log = _read_log(stage_dir)
+            used[stage] = {k: params[k] for k in RECORDED_PARAMETERS if k in params}
+            stage_transform, log = _run_stage(stage, params, fixed_itk, moving_itk, total, fixed_mask, moving_mask,
+                                              workdir / stage)
             logs.append(f"=== elastix {stage} ===\n{log}")
-            result = method.GetTransformParameterObject()
-            result_map = dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1))
-            stage_transform = elastix_map_to_sitk({k: list(v) for k, v in result_map.items()})
             total, check = guarded_stage(stage, fixed, moving, total, transforms.compose(total, stage_transform),
                                          fixed_mask, guard_preset, warnings)
             records.append({
@@ -184,6 +166,42 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
     return EngineResult(total, records, settings_used, log="\n".join(logs), warnings=warnings)
 
 
+def _run_stage(stage: str, params: dict, fixed_itk, moving_itk, total: sitk.Transform,
+               fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+               stage_dir: Path) -> tuple[sitk.Transform, str]:
+    """One elastix run from ``total`` (external initial transform) in ``stage_dir``: (stage transform, log).
+
+    The stage transform excludes ``total``: elastix composes it after ``total`` (fixed->moving, LPS mm).
+    """
+    import itk
+
+    parameter_object = itk.ParameterObject.New()
+    parameter_object.AddParameterMap(params)
+    method = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
+    method.SetParameterObject(parameter_object)
+    method.SetExternalInitialTransform(itk_affine_transform(total))
+    if fixed_mask is not None:
+        method.SetFixedMask(to_itk_image(fixed_mask, np.uint8))
+    if moving_mask is not None:
+        method.SetMovingMask(to_itk_image(moving_mask, np.uint8))
+    stage_dir.mkdir()
+    method.SetOutputDirectory(str(stage_dir))
+    method.SetLogToConsole(False)
+    method.SetLogToFile(True)
+    method.SetLogFileName("elastix.log")
+    try:
+        method.UpdateLargestPossibleRegion()
+    except RuntimeError as err:
+        log = _read_log(stage_dir) + "\n" + str(err)
+        raise RegistrationError(f"The {stage} stage failed: " + translate_elastix_log(log),
+                                "start closer (--prealign search or anatomy), enlarge --crop-margin, "
+                                "or try --engine itk") from None
+    log = _read_log(stage_dir)
+    result = method.GetTransformParameterObject()
+    result_map = dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1))
+    return elastix_map_to_sitk({k: list(v) for k, v in result_map.items()}), log
+
+
 def _read_log(folder: Path) -> str:
     path = folder / "elastix.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -192,3 +210,8 @@ def _read_log(folder: Path) -> str:
 def _final_metric(log: str) -> float | None:
     match = re.findall(r"Final metric value\s*=\s*([-+0-9.eE]+)", log)
     return float(match[-1]) if match else None
+
+
+# Former private names, still imported by benchmarks/peers.py and benchmarks/reference/make_phantom_reference.py.
+_to_itk = to_itk_image
+_itk_affine = itk_affine_transform

@@ -1,4 +1,11 @@
-"""Engine-neutral guards: a stage or a whole registration must raise a dense MI estimate to be kept."""
+"""Engine-neutral guards: a registration result is kept only when a dense mutual-information estimate agrees.
+
+:func:`affine_guard` / :func:`guarded_stage`: an affine stage (of either engine) must raise dense MI on one common
+voxel set by enough to earn its extra parameters, else the previous stage's result is kept.
+:func:`registration_guard`: the pipeline keeps the pre-alignment when registration lowers dense MI inside the
+fixed object. Every transform maps fixed physical points to moving physical points (LPS mm); settings come
+from the itk preset (``resources/presets/itk.json``, ``affine_guard_*`` and ``registration_guard_*``).
+"""
 
 from __future__ import annotations
 
@@ -39,7 +46,8 @@ def _histogram_mi(f: np.ndarray, m: np.ndarray, f_range, m_range, bins: int) -> 
 
 
 def _dense_mi_pair(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, after: sitk.Transform,
-                   fixed_mask: sitk.Image | None, max_samples: int, bins: int) -> tuple[int, float | None, float | None]:
+                   fixed_mask: sitk.Image | None, max_samples: int,
+                   bins: int) -> tuple[int, float | None, float | None]:
     """(samples, MI before, MI after): joint-histogram MI of the same fixed voxels under both transforms, on
     fixed intensity ranges (0.5-99.5 percentiles); MI is None with fewer than 1000 samples or a flat range."""
     f, (m0, m1) = _common_samples(fixed, moving, [before, after], fixed_mask, max_samples)
@@ -103,7 +111,8 @@ def affine_rejection_warning(check: dict) -> str:
     if check["mi_after"] < check["mi_before"]:
         why = "it lowered the dense mutual information"
     elif check["scales_plausible"]:
-        why = f"it raised the dense mutual information by less than {check['min_gain']:g} nats, too little for six more parameters"
+        why = (f"it raised the dense mutual information by less than {check['min_gain']:g} nats, "
+               "too little for six more parameters")
     else:
         why = "it scaled a direction by more than 5% for a negligible gain in dense mutual information"
     return (f"affine stage rejected: {why} ({check['mi_before']:.4f} -> {check['mi_after']:.4f}; principal scales "
@@ -120,7 +129,7 @@ def registration_guard(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tran
     under both transforms. Unlike the engines' metrics over the whole crop, whose value is dominated by the
     object/background edge, this measures the alignment of what is inside the object. On cropped MR
     slabs of the phantom the itk engine lowered it by 0.004-0.044 nats while moving 1-4 mm away from the
-    reference (benchmarks/reference/phantom_slab_diagnosis.py). ``accepted`` is False when the final
+    reference (docs/search.md, the cropped phantom slabs). ``accepted`` is False when the final
     transform lowers it by more than ``registration_guard_tolerance``; the pipeline then keeps the
     pre-alignment.
     """

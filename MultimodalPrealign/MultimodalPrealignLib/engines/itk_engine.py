@@ -5,8 +5,9 @@ Each stage optimises a fresh transform ``T_stage`` (identity at start, centred o
 on top of everything found so far, set as the moving initial transform; ITK then maps a fixed point p to
 ``previous(T_stage(p))``, so the running total is ``compose(T_stage, previous)``. All fixed->moving, LPS mm.
 
-An affine stage is kept only when an independent dense MI estimate on a common voxel set does not drop
-(:func:`affine_guard`): Mattes MI on random samples can drift into large volume changes on partial overlaps.
+An affine stage is kept only when an independent dense MI estimate on a common voxel set rises enough
+(:func:`.guards.affine_guard`): Mattes MI on random samples can drift into large volume changes on partial
+overlaps. Seeds and a single ITK thread make a run bit-for-bit repeatable.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -89,91 +91,132 @@ def _stage_transform(stage: str, fixed: sitk.Image, preset: dict) -> sitk.Transf
     return sitk.BSplineTransformInitializer(fixed, mesh, 3)
 
 
+@dataclass
+class _StagePlan:
+    """Optimizer iterations (per level) and pyramid: shrink factors, smoothing sigmas (mm) and metric sampling
+    shares per level. The run's plan holds the whole pyramid; a B-spline stage's only its two finest levels."""
+
+    iterations: int
+    shrink: list[int]
+    sigmas: list[float]
+    sampling: list[float]
+
+
+def _stage_plan(stage: str, settings: RegistrationSettings, preset: dict, iterations: int,
+                pyramid_levels: _StagePlan) -> _StagePlan:
+    """The plan of ``stage`` from the run's pyramid (``pyramid_levels``) and iteration count."""
+    if stage == "bspline":
+        bspline_iterations = settings.iterations if settings.iterations is not None else preset["bspline_iterations"]
+        return _StagePlan(bspline_iterations, pyramid_levels.shrink[-2:], pyramid_levels.sigmas[-2:],
+                          pyramid_levels.sampling[-2:])
+    stage_iterations = iterations
+    if stage == "affine" and settings.iterations is None:
+        stage_iterations = int(preset.get("affine_iterations", iterations))
+    return _StagePlan(stage_iterations, pyramid_levels.shrink, pyramid_levels.sigmas, pyramid_levels.sampling)
+
+
+def _registration_method(stage: str, plan: _StagePlan, settings: RegistrationSettings, preset: dict,
+                         fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None) -> sitk.ImageRegistrationMethod:
+    """Mattes MI on random samples, linear interpolation, the stage's optimizer and pyramid (BRAINSFit's set-up)."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentagePerLevel(plan.sampling, itk_seed(settings.seed))
+    method.SetInterpolator(sitk.sitkLinear)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    if stage == "bspline":
+        method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=plan.iterations,
+                                    maximumNumberOfCorrections=5,
+                                    maximumNumberOfFunctionEvaluations=4 * plan.iterations)
+    else:
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=preset["maximum_step_length"], minStep=preset["minimum_step_length"],
+            numberOfIterations=plan.iterations, relaxationFactor=preset["relaxation_factor"],
+            gradientMagnitudeTolerance=preset["gradient_magnitude_tolerance"])
+        method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(plan.shrink)
+    method.SetSmoothingSigmasPerLevel(plan.sigmas)
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return method
+
+
+def _execute(method: sitk.ImageRegistrationMethod, stage: str, fixed: sitk.Image, moving: sitk.Image,
+             deterministic: bool, progress: Progress) -> dict:
+    """Run one stage (cancellable every 25 iterations); returns {"n": iterations, "first_metric": value}."""
+    evaluations = {"n": 0, "first_metric": None}
+
+    def on_iteration():
+        evaluations["n"] += 1
+        if evaluations["first_metric"] is None:
+            evaluations["first_metric"] = round(float(method.GetMetricValue()), 6)
+        if evaluations["n"] % 25 == 0:
+            progress.check_cancelled()
+
+    method.AddCommand(sitk.sitkIterationEvent, on_iteration)
+    try:
+        with single_threaded(deterministic):
+            method.Execute(fixed, moving)
+    except RuntimeError as err:
+        raise RegistrationError(translate_itk_error(str(err), stage), _fix_for_itk_error(str(err))) from None
+    return evaluations
+
+
 def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, settings: RegistrationSettings,
                  progress: Progress = SILENT, fixed_mask: sitk.Image | None = None,
                  moving_mask: sitk.Image | None = None) -> EngineResult:
+    """Run ``settings.stages`` in order from ``initial``; the result (fixed->moving, LPS mm) includes ``initial``."""
     base = itk_preset()
     preset = scaled_preset(base, image_space.object_scale(fixed, moving, base["reference_extent_mm"]))
-    percentage = settings.sampling_percentage if settings.sampling_percentage is not None else preset["sampling_percentage"]
+    percentage = settings.sampling_percentage if settings.sampling_percentage is not None \
+        else preset["sampling_percentage"]
     iterations = settings.iterations if settings.iterations is not None else preset["iterations"]
     shrink, sigmas = pyramid(fixed.GetSpacing(), preset["coarsest_level_spacing_mm"], preset["max_levels"])
     sampling = _sampling_per_level(fixed, shrink, percentage, preset["min_samples_per_level"])
+    pyramid_levels = _StagePlan(iterations, shrink, sigmas, sampling)
     total = initial
     records: list[dict] = []
     warnings: list[str] = []
-    n_stages = len(settings.stages)
     for index, stage in enumerate(settings.stages):
-        progress.report("register", 0.5 + 0.4 * index / n_stages, f"{stage} stage (itk)")
+        progress.report("register", 0.5 + 0.4 * index / len(settings.stages), f"{stage} stage (itk)")
         started = time.perf_counter()
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentagePerLevel(sampling, itk_seed(settings.seed))
-        method.SetInterpolator(sitk.sitkLinear)
-        if fixed_mask is not None:
-            method.SetMetricFixedMask(fixed_mask)
-        if moving_mask is not None:
-            method.SetMetricMovingMask(moving_mask)
-        stage_iterations = iterations
-        if stage == "affine" and settings.iterations is None:
-            stage_iterations = int(preset.get("affine_iterations", iterations))
-        if stage == "bspline":
-            stage_iterations = settings.iterations if settings.iterations is not None else preset["bspline_iterations"]
-            method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=stage_iterations,
-                                        maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * stage_iterations)
-            stage_shrink, stage_sigmas, stage_sampling = shrink[-2:], sigmas[-2:], sampling[-2:]
-            method.SetMetricSamplingPercentagePerLevel(stage_sampling, itk_seed(settings.seed))
-        else:
-            method.SetOptimizerAsRegularStepGradientDescent(
-                learningRate=preset["maximum_step_length"], minStep=preset["minimum_step_length"],
-                numberOfIterations=stage_iterations, relaxationFactor=preset["relaxation_factor"],
-                gradientMagnitudeTolerance=preset["gradient_magnitude_tolerance"])
-            method.SetOptimizerScalesFromPhysicalShift()
-            stage_shrink, stage_sigmas, stage_sampling = shrink, sigmas, sampling
-        method.SetShrinkFactorsPerLevel(stage_shrink)
-        method.SetSmoothingSigmasPerLevel(stage_sigmas)
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        plan = _stage_plan(stage, settings, preset, iterations, pyramid_levels)
+        method = _registration_method(stage, plan, settings, preset, fixed_mask, moving_mask)
         method.SetMovingInitialTransform(total)
         stage_transform = _stage_transform(stage, fixed, preset)
         method.SetInitialTransform(stage_transform, inPlace=True)
-        evaluations = {"n": 0, "first_metric": None}
-
-        def on_iteration(method=method, evaluations=evaluations):
-            evaluations["n"] += 1
-            if evaluations["first_metric"] is None:
-                evaluations["first_metric"] = round(float(method.GetMetricValue()), 6)
-            if evaluations["n"] % 25 == 0:
-                progress.check_cancelled()
-
-        method.AddCommand(sitk.sitkIterationEvent, on_iteration)
-        try:
-            with single_threaded(settings.deterministic):
-                method.Execute(fixed, moving)
-        except RuntimeError as err:
-            raise RegistrationError(translate_itk_error(str(err), stage), _fix_for_itk_error(str(err))) from None
+        evaluations = _execute(method, stage, fixed, moving, settings.deterministic, progress)
         total, check = guarded_stage(stage, fixed, moving, total, transforms.compose(stage_transform, total),
                                      fixed_mask, preset, warnings)
         records.append({
             "stage": stage, "engine": "itk", "seconds": round(time.perf_counter() - started, 3),
-            "iterations": int(evaluations["n"]), "max_iterations_per_level": int(stage_iterations),
+            "iterations": int(evaluations["n"]), "max_iterations_per_level": int(plan.iterations),
             "stop_condition": method.GetOptimizerStopConditionDescription()[:300],
             # metric_start: the metric at the first iteration (coarsest level); a separate full evaluation before
             # the run cost more than a second per stage on large working images.
             "metric_start": evaluations["first_metric"], "metric_final": round(float(method.GetMetricValue()), 6),
-            "shrink_factors": stage_shrink, "smoothing_sigmas_mm": [round(s, 3) for s in stage_sigmas],
-            "sampling_percentage_per_level": [round(s, 6) for s in stage_sampling],
+            "shrink_factors": plan.shrink, "smoothing_sigmas_mm": [round(s, 3) for s in plan.sigmas],
+            "sampling_percentage_per_level": [round(s, 6) for s in plan.sampling],
             **({"guard": check} if check is not None else {}),
         })
-    settings_used = {
+    return EngineResult(total, records, _settings_used(settings, preset, percentage, pyramid_levels), warnings=warnings)
+
+
+def _settings_used(settings: RegistrationSettings, preset: dict, percentage: float, pyramid_levels: _StagePlan) -> dict:
+    """The ``settings_used`` record of the run (report.json)."""
+    return {
         "engine": "itk", "metric": "MattesMutualInformation", "histogram_bins": settings.histogram_bins,
         "sampling_percentage": percentage, "min_samples_per_level": preset["min_samples_per_level"],
-        "iterations": iterations, "seed": settings.seed, "deterministic_single_thread": settings.deterministic, "itk_random_seed": itk_seed(settings.seed), "stages": list(settings.stages),
-        "shrink_factors": shrink, "smoothing_sigmas_mm": [round(s, 3) for s in sigmas],
+        "iterations": pyramid_levels.iterations, "seed": settings.seed,
+        "deterministic_single_thread": settings.deterministic, "itk_random_seed": itk_seed(settings.seed),
+        "stages": list(settings.stages),
+        "shrink_factors": pyramid_levels.shrink, "smoothing_sigmas_mm": [round(s, 3) for s in pyramid_levels.sigmas],
         "optimizer": preset["optimizer"], "maximum_step_length": preset["maximum_step_length"],
         "minimum_step_length": preset["minimum_step_length"], "relaxation_factor": preset["relaxation_factor"],
         "object_scale": round(preset["object_scale"], 4),
     }
-    return EngineResult(total, records, settings_used, warnings=warnings)
 
 
 def translate_itk_error(message: str, stage: str) -> str:

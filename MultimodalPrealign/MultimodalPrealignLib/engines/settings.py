@@ -1,4 +1,6 @@
-"""Settings both engines understand, their result record, and the itk preset (resources/presets/itk.json)."""
+"""What every engine takes and returns: :class:`RegistrationSettings` (engine, stages, sampling, iterations,
+seed) with their checks, :class:`EngineResult` (one fixed->moving transform, physical LPS mm, pre-alignment
+included, plus per-stage records), and the itk preset (``resources/presets/itk.json``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Physical-space geometry of images: boxes, extents, overlap under a transform.
+"""Physical-space geometry of images: index <-> physical mapping, boxes, extents, overlap under a transform.
 
-All coordinates are physical LPS millimetres. A voxel covers +-0.5 voxel around its centre, so
-an image's physical extent runs from index -0.5 to size-0.5 along each grid axis.
+All coordinates are physical LPS millimetres; physical = direction @ diag(spacing) @ index + origin
+(:func:`index_to_physical_matrix`, the one place that builds it). A voxel covers +-0.5 voxel around its
+centre, so an image's physical extent runs from index -0.5 to size-0.5 along each grid axis. Transforms map
+fixed physical points to moving physical points (fixed->moving).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from itertools import product
 import numpy as np
 import SimpleITK as sitk
 
-from .transforms import transform_points
+from .transforms import inverse_or_none, transform_points
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Box:
 
 
 def direction_matrix(image: sitk.Image) -> np.ndarray:
+    """The image's direction cosines as a 3x3 matrix (columns: grid axes i, j, k in LPS)."""
     return np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
 
 
@@ -57,12 +60,23 @@ def index_to_physical_matrix(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]
     return a, np.asarray(image.GetOrigin(), dtype=float)
 
 
+def index_to_physical_points(image: sitk.Image, index_xyz: np.ndarray) -> np.ndarray:
+    """Physical points (LPS mm) of continuous indices in (i, j, k) order (N x 3, or one index of 3)."""
+    a, origin = index_to_physical_matrix(image)
+    return index_xyz @ a.T + origin
+
+
+def physical_to_index(image: sitk.Image, points: np.ndarray) -> np.ndarray:
+    """Continuous indices (i, j, k order, N x 3) of physical points (LPS mm): the inverse of the above."""
+    a, origin = index_to_physical_matrix(image)
+    return (points - origin) @ np.linalg.inv(a).T
+
+
 def physical_corners(image: sitk.Image) -> np.ndarray:
     """The 8 corners (8x3, LPS mm) of the image's voxel-edge extent, through the direction matrix."""
-    a, origin = index_to_physical_matrix(image)
     size = np.asarray(image.GetSize(), dtype=float)
     corners = np.array([[-0.5 + c[i] * size[i] for i in range(3)] for c in product((0, 1), repeat=3)])
-    return corners @ a.T + origin
+    return index_to_physical_points(image, corners)
 
 
 def bounding_box(image: sitk.Image) -> Box:
@@ -109,17 +123,15 @@ def voxel_volume_mm3(image: sitk.Image) -> float:
 
 def grid_points(image: sitk.Image, per_axis: int = 16) -> np.ndarray:
     """Evenly spread physical points (N x 3, LPS mm) covering the image's voxel extent."""
-    a, origin = index_to_physical_matrix(image)
     size = np.asarray(image.GetSize(), dtype=float)
     axes = [(np.arange(per_axis) + 0.5) / per_axis * size[i] - 0.5 for i in range(3)]
     idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    return idx @ a.T + origin
+    return index_to_physical_points(image, idx)
 
 
 def inside_image(image: sitk.Image, points: np.ndarray) -> np.ndarray:
     """Boolean mask: which physical points fall inside the image's voxel extent."""
-    a, origin = index_to_physical_matrix(image)
-    idx = (points - origin) @ np.linalg.inv(a).T
+    idx = physical_to_index(image, points)
     size = np.asarray(image.GetSize(), dtype=float)
     return np.all((idx >= -0.5) & (idx <= size - 0.5), axis=1)
 
@@ -132,8 +144,6 @@ def overlap_fractions(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: si
     ``moving``: share of the moving extent that fixed points land on (via the inverse transform;
     estimated from the fixed side when the transform has no inverse).
     """
-    from .transforms import inverse_or_none
-
     fixed_points = grid_points(fixed, per_axis)
     fixed_fraction = float(np.mean(inside_image(moving, transform_points(fixed_to_moving, fixed_points))))
     inverse = inverse_or_none(fixed_to_moving)

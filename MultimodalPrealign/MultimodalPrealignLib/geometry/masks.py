@@ -6,6 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .image_space import index_to_physical_points
 from .resample import resample_to_spacing
 
 
@@ -93,9 +94,7 @@ def mask_centroid_and_axes(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray, np
     idx_zyx = np.argwhere(array > 0)
     if idx_zyx.shape[0] == 0:
         raise ValueError("empty mask")
-    idx = idx_zyx[:, ::-1].astype(float)
-    a = np.asarray(mask.GetDirection()).reshape(3, 3) @ np.diag(mask.GetSpacing())
-    points = idx @ a.T + np.asarray(mask.GetOrigin())
+    points = index_to_physical_points(mask, idx_zyx[:, ::-1].astype(float))
     centroid = points.mean(0)
     cov = np.cov((points - centroid).T) if points.shape[0] > 3 else np.eye(3)
     variances, axes = np.linalg.eigh(cov)

@@ -1,4 +1,5 @@
-"""Resampling helpers (physical space, LPS). Smoothing before downsampling avoids aliasing."""
+"""Resampling helpers in physical space (LPS mm): reference grids over boxes, anti-aliased working copies, and
+resampling through a fixed->moving transform (ITK convention). Smoothing before downsampling avoids aliasing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from .image_space import Box, direction_matrix
+from .image_space import Box, bounding_box, direction_matrix, physical_to_index
 
 
 def smooth_for_spacing(image: sitk.Image, new_spacing) -> sitk.Image:
@@ -48,13 +49,10 @@ def make_reference(grid: dict, pixel_id=sitk.sitkFloat32) -> sitk.Image:
 
 def region_covering_box(image: sitk.Image, box: Box, pad_voxels: int = 2) -> tuple[list[int], list[int]] | None:
     """(index, size) of the image region that covers ``box`` (LPS mm) plus ``pad_voxels``; None if disjoint."""
-    from .image_space import index_to_physical_matrix
-
-    a, origin = index_to_physical_matrix(image)
     lower, upper = np.asarray(box.lower), np.asarray(box.upper)
     corners = np.array([[x, y, z] for x in (lower[0], upper[0]) for y in (lower[1], upper[1])
                         for z in (lower[2], upper[2])])
-    idx = (corners - origin) @ np.linalg.inv(a).T
+    idx = physical_to_index(image, corners)
     size = np.asarray(image.GetSize())
     first = np.maximum(np.floor(idx.min(0)).astype(int) - pad_voxels, 0)
     last = np.minimum(np.ceil(idx.max(0)).astype(int) + pad_voxels, size - 1)
@@ -105,8 +103,6 @@ def resample_box(image: sitk.Image, box: Box, spacing, default_value: float,
 def resample_to_spacing(image: sitk.Image, spacing, default_value: float | None = None,
                         interpolator=sitk.sitkLinear) -> sitk.Image:
     """The whole image at a new ``spacing`` (mm), same direction, same physical extent."""
-    from .image_space import bounding_box
-
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
     return resample_box(image, bounding_box(image), spacing, default_value, interpolator)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-#: Diagonal flip between LPS (ITK, DICOM) and RAS (Slicer): x and y change sign.
 #: Sign flips of x and y between LPS (ITK, DICOM) and RAS (Slicer); the flip is its own inverse.
 LPS_RAS_SIGNS = np.array([-1.0, -1.0, 1.0])
 #: The same flip as a 4x4 homogeneous matrix.
@@ -141,7 +140,6 @@ def rotation_angle_deg(matrix: np.ndarray) -> float:
 
 def mean_point_error(a: sitk.Transform, b: sitk.Transform, points: np.ndarray) -> float:
     """Mean distance (mm) between where two transforms send the same points."""
-
     return float(np.mean(np.linalg.norm(transform_points(a, points) - transform_points(b, points), axis=1)))
 
 
@@ -194,11 +192,14 @@ def slicer_to_parent_ras_to_fixed_to_moving_lps(matrix_ras: np.ndarray) -> np.nd
     return np.linalg.inv(LPS_TO_RAS @ np.asarray(matrix_ras, dtype=float) @ LPS_TO_RAS)
 
 
+def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Points (N x 3, row form) through a 4x4 matrix: p' = M[:3, :3] @ p + M[:3, 3] (same spaces as M)."""
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
 def transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
     """Apply a SimpleITK transform to N x 3 points (fast path for linear transforms)."""
-
     points = np.asarray(points, dtype=float)
     if is_linear(transform):
-        m = to_matrix(transform)
-        return points @ m[:3, :3].T + m[:3, 3]
+        return apply_matrix(to_matrix(transform), points)
     return np.array([transform.TransformPoint(p.tolist()) for p in points])

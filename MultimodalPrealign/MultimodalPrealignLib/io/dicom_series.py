@@ -491,40 +491,38 @@ def _check_positions(candidate: VolumeCandidate, along: np.ndarray, normal: np.n
     odd = np.nonzero(np.abs(gaps - typical) > tolerance)[0]
     if len(odd) == 0:
         return
-    missing, closer, uneven = [], [], []
+    missing, closer, uneven = [], [], []  # (gap index, text); missing also counts the slices lost
+    missing_count = 0
     for i in odd:
         ratio = gaps[i] / typical
         where = (f"between {along[i]:.3f} and {along[i + 1]:.3f} mm ({slices[i].name}, {slices[i + 1].name}; "
                  f"gap {gaps[i]:.3f} mm)")
         if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.05:
-            missing.append((i, int(round(ratio)) - 1, where))
+            missing.append((i, f"{int(round(ratio)) - 1} {where}"))
+            missing_count += int(round(ratio)) - 1
         elif ratio < 1:
             closer.append((i, where))
         else:
             uneven.append((i, where))
+    for code, gap_list, headline in (
+            ("missing_slices", missing, f"{missing_count} slice(s) missing (typical spacing {typical:.3f} mm): "),
+            ("overlapping_slices", closer, f"{len(closer)} slice gap(s) shorter than the typical {typical:.3f} mm "
+                                           "(extra or overlapping slices): "),
+            ("uneven_spacing", uneven, f"{len(uneven)} slice gap(s) differ from the typical {typical:.3f} mm: ")):
+        if gap_list:
+            findings.append(_gap_finding(code, headline, gap_list, candidate, along, typical))
+
+
+def _gap_finding(code: str, headline: str, gap_list: list, candidate: VolumeCandidate, along: np.ndarray,
+                 typical: float) -> Finding:
+    """A problem finding for irregular slice gaps (``gap_list``: (gap index, text)); the first MAX_LISTED are
+    named, followed by the spacing histogram. Files: both slices of each gap."""
+    slices = candidate.slices
     hist_text = ", ".join(f"{h['spacing_mm']:g} mm x{h['count']}" for h in candidate.spacing_histogram)
-    if missing:
-        count = sum(n for _, n, _ in missing)
-        findings.append(Finding(
-            "missing_slices", "problem",
-            f"{count} slice(s) missing (typical spacing {typical:.3f} mm): "
-            + "; ".join(f"{n} {w}" for _, n, w in missing[:MAX_LISTED]) + f"; spacings: {hist_text}",
-            [p for i, _, _ in missing for p in (slices[i].path, slices[i + 1].path)],
-            [along[i] for i, _, _ in missing], {"typical_spacing_mm": round(typical, 4)}))
-    if closer:
-        findings.append(Finding(
-            "overlapping_slices", "problem",
-            f"{len(closer)} slice gap(s) shorter than the typical {typical:.3f} mm (extra or overlapping slices): "
-            + "; ".join(w for _, w in closer[:MAX_LISTED]) + f"; spacings: {hist_text}",
-            [p for i, _ in closer for p in (slices[i].path, slices[i + 1].path)],
-            [along[i] for i, _ in closer], {"typical_spacing_mm": round(typical, 4)}))
-    if uneven:
-        findings.append(Finding(
-            "uneven_spacing", "problem",
-            f"{len(uneven)} slice gap(s) differ from the typical {typical:.3f} mm: "
-            + "; ".join(w for _, w in uneven[:MAX_LISTED]) + f"; spacings: {hist_text}",
-            [p for i, _ in uneven for p in (slices[i].path, slices[i + 1].path)],
-            [along[i] for i, _ in uneven], {"typical_spacing_mm": round(typical, 4)}))
+    return Finding(code, "problem",
+                   headline + "; ".join(text for _, text in gap_list[:MAX_LISTED]) + f"; spacings: {hist_text}",
+                   [p for i, _ in gap_list for p in (slices[i].path, slices[i + 1].path)],
+                   [along[i] for i, _ in gap_list], {"typical_spacing_mm": round(typical, 4)})
 
 
 def _report_repeated(candidate: VolumeCandidate, along: np.ndarray, same: np.ndarray) -> None:
@@ -863,7 +861,8 @@ def _read_pixels_gdcm(slices: list) -> np.ndarray:
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise InputError(f"Cannot decode the pixel data of the DICOM series ({str(err).strip().splitlines()[-1][:100]})",
+        last_line = str(err).strip().splitlines()[-1][:100]
+        raise InputError(f"Cannot decode the pixel data of the DICOM series ({last_line})",
                          "convert the series to NRRD or NIfTI (e.g. in 3D Slicer) and pass that file") from None
     return sitk.GetArrayFromImage(image)
 

@@ -1,7 +1,7 @@
 """Anatomy pre-alignment: a robust rigid (or similarity) fit between TotalSegmentator structures.
 
 Inputs are two label maps (on their images' grids) with TotalSegmentator class ids; the task of each
-(``total``, ``total_mr``, ...) is given or inferred (:mod:`labels`). The steps:
+(``total``, ``total_mr``, ...) is given or inferred (:mod:`..io.labels`). The steps:
 
 1. Structures are matched by NAME using ``resources/structure_correspondence.json``: the names both
    tasks share, plus groups (CT lung lobes -> MR ``lung_left``/``lung_right``, CT ``vertebrae_C1..S1``
@@ -44,9 +44,11 @@ from scipy.spatial.transform import Rotation
 
 from ..errors import InputError
 from ..geometry import transforms
+from ..geometry.image_space import direction_matrix, index_to_physical_matrix, physical_to_index
+from ..geometry.transforms import apply_matrix
 from ..io import labels as label_io
 from ..resource_files import load_resource_json
-from .base import PrealignInputs, PrealignResult
+from .base import PrealignInputs, PrealignResult, rounded
 
 #: Tunable settings (mm, ml, fractions). Override through ``options["anatomy"]`` or ``options["anatomy_<key>"]``.
 #: Settings of the fit (documented in resources/presets/anatomy.json, where they live).
@@ -111,16 +113,11 @@ class Structure:
 
     def summary(self) -> dict:
         return {"voxels": int(self.voxels), "volume_ml": round(self.volume_ml, 2),
-                "centroid_mm": _round(self.centroid), "principal_axes": [_round(a, 4) for a in self.axes.T],
-                "sd_mm": _round(self.sd_mm, 2), "touches_border": list(self.cut_faces)}
+                "centroid_mm": rounded(self.centroid), "principal_axes": [rounded(a, 4) for a in self.axes.T],
+                "sd_mm": rounded(self.sd_mm, 2), "touches_border": list(self.cut_faces)}
 
 
 _FACE_NAMES = ("i", "j", "k")
-
-
-def _index_to_physical(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
-    return a, np.asarray(image.GetOrigin(), float)
 
 
 def measure_structures(labels: sitk.Image, value_to_name: dict[int, str], max_points: int = 4000,
@@ -136,17 +133,42 @@ def measure_structures(labels: sitk.Image, value_to_name: dict[int, str], max_po
     if not names or array.size == 0:
         return {}
     number = {name: i + 1 for i, name in enumerate(names)}
-    top = int(array.max())
-    lut = np.zeros(max(top, max(value_to_name)) + 1, dtype=np.uint16)
+    lut = np.zeros(max(int(array.max()), max(value_to_name)) + 1, dtype=np.uint16)
     for value, name in value_to_name.items():
         lut[value] = number[name]
-    k_count = len(names) + 1
-    count = np.bincount(lut[np.asarray(array).ravel()], minlength=k_count).astype(float)
+    count = np.bincount(lut[np.asarray(array).ravel()], minlength=len(names) + 1).astype(float)
     if count[1:].sum() == 0:
         return {}
+    sums, second, samples = _accumulate_moments(labels, lut, count, max_points, chunk_voxels)
+    touched = _touched_faces(lut, array)
+    direction = direction_matrix(labels)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    out: dict[str, Structure] = {}
+    for name in names:
+        k = number[name]
+        n = count[k]
+        if n == 0:
+            continue
+        centroid = sums[k] / n
+        variances, axes = np.linalg.eigh(second[k] / n - np.outer(centroid, centroid))
+        rank = np.argsort(variances)[::-1]
+        faces, normals = touched.get(k, ([], []))
+        normals = [direction[:, axis] * sign for axis, sign in normals]
+        points = np.concatenate(samples[k]) if samples[k] else centroid[None]
+        out[name] = Structure(name, int(n), n * voxel_ml, centroid, axes[:, rank],
+                              np.sqrt(np.maximum(variances[rank], 0.0)), faces, normals, points)
+    return out
+
+
+def _accumulate_moments(labels: sitk.Image, lut: np.ndarray, count: np.ndarray, max_points: int,
+                        chunk_voxels: int) -> tuple[np.ndarray, np.ndarray, list[list[np.ndarray]]]:
+    """Per structure number (``lut`` maps label values to 1..K, 0 = none): sums of the physical voxel centres
+    (K+1 x 3, LPS mm), of their outer products (K+1 x 3 x 3) and systematic point samples, slab by slab."""
+    array = sitk.GetArrayViewFromImage(labels)
+    k_count = len(count)
     stride = np.maximum(1, np.ceil(count / max_points)).astype(np.int64)
     seen = np.zeros(k_count, dtype=np.int64)
-    a, origin = _index_to_physical(labels)
+    a, origin = index_to_physical_matrix(labels)
     sums = np.zeros((k_count, 3))
     second = np.zeros((k_count, 3, 3))
     samples: list[list[np.ndarray]] = [[] for _ in range(k_count)]
@@ -177,25 +199,7 @@ def measure_structures(labels: sitk.Image, value_to_name: dict[int, str], max_po
         for k in np.unique(picked_which):
             samples[k].append(picked[picked_which == k])
     second = np.triu(second) + np.triu(second, 1).transpose(0, 2, 1)
-    touched = _touched_faces(lut, array)
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    out: dict[str, Structure] = {}
-    for name in names:
-        k = number[name]
-        n = count[k]
-        if n == 0:
-            continue
-        centroid = sums[k] / n
-        cov = second[k] / n - np.outer(centroid, centroid)
-        variances, axes = np.linalg.eigh(cov)
-        rank = np.argsort(variances)[::-1]
-        faces, normals = touched.get(k, ([], []))
-        direction = np.asarray(labels.GetDirection(), float).reshape(3, 3)
-        normals = [direction[:, axis] * sign for axis, sign in normals]
-        points = np.concatenate(samples[k]) if samples[k] else centroid[None]
-        out[name] = Structure(name, int(n), n * voxel_ml, centroid, axes[:, rank],
-                              np.sqrt(np.maximum(variances[rank], 0.0)), faces, normals, points)
-    return out
+    return sums, second, samples
 
 
 def _touched_faces(lut: np.ndarray, array: np.ndarray) -> dict[int, tuple[list, list]]:
@@ -402,15 +406,10 @@ def _fit_translation(pairs: list[Pair]) -> np.ndarray:
 
 def _inside_centres(image: sitk.Image, points: np.ndarray) -> np.ndarray:
     """Which physical points fall within the image's voxel-centre range (continuous index 0..size-1)."""
-    a, origin = _index_to_physical(image)
-    idx = (points - origin) @ np.linalg.inv(a).T
+    idx = physical_to_index(image, points)
     size = np.asarray(image.GetSize(), float)
     tol = 1e-6
     return np.all((idx >= -tol) & (idx <= size - 1 + tol), axis=1)
-
-
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 def _update_common_parts(pairs: list[Pair], matrix: np.ndarray, fixed: sitk.Image, moving: sitk.Image,
@@ -420,8 +419,8 @@ def _update_common_parts(pairs: list[Pair], matrix: np.ndarray, fixed: sitk.Imag
     for p in pairs:
         if not p.truncated or p.final:
             continue
-        keep_f = _inside_centres(moving, _apply(matrix, p.fixed.points))
-        keep_m = _inside_centres(fixed, _apply(inverse, p.moving.points))
+        keep_f = _inside_centres(moving, apply_matrix(matrix, p.fixed.points))
+        keep_m = _inside_centres(fixed, apply_matrix(inverse, p.moving.points))
         frac_f = float(keep_f.mean()) if len(keep_f) else 0.0
         frac_m = float(keep_m.mean()) if len(keep_m) else 0.0
         # share of the structure (as the more complete view shows it) that both images show
@@ -451,52 +450,17 @@ def _update_common_parts(pairs: list[Pair], matrix: np.ndarray, fixed: sitk.Imag
 
 
 def _matrix_change_mm(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
-    return float(np.mean(np.linalg.norm(_apply(a, points) - _apply(b, points), axis=1)))
+    return float(np.mean(np.linalg.norm(apply_matrix(a, points) - apply_matrix(b, points), axis=1)))
 
 
 def fit(pairs: list[Pair], fixed: sitk.Image, moving: sitk.Image, settings: dict, seed: int = 0) -> tuple:
     """Robust fit of the fixed->moving matrix. Returns (4x4 matrix, kind, info dict, warnings)."""
-    rng = np.random.default_rng(seed)
     scale = settings["transform"] == "similarity"
     warnings: list[str] = []
-    info: dict = {}
-    active = [p for p in pairs if p.status == "candidate"]
-    matrix = None
-    kind = settings["transform"]
-    if _usable_rank(active):
-        matrix = _ransac(active, settings, rng, scale)
-    if matrix is None:
-        if not active:
-            raise InputError("No structure is usable in both label maps",
-                             "check that both label maps come from TotalSegmentator for these images and show "
-                             "common anatomy; or use --prealign search")
-        kind = "translation"
-        matrix = _fit_translation(active)
-    else:
-        matrix = _refine_lsq(active, matrix, settings, scale)
-    check_points = np.array([p.fixed.centroid for p in pairs])
-    iterations = 0
-    change = 0.0
-    for iterations in range(1, settings["max_iterations"] + 1):  # noqa: B007 - reported below
-        _update_common_parts(pairs, matrix, fixed, moving, settings)
-        active = [p for p in pairs if p.status == "candidate"]
-        _reject_outliers(active, matrix, settings)
-        active = [p for p in active if p.status == "candidate"]
-        if not active:
-            break
-        if kind != "translation" and _usable_rank(active):
-            new = _refine_lsq(active, matrix, settings, scale)
-        else:
-            if kind != "translation":
-                kind = "translation"
-            new = _fit_translation(active)
-        change = _matrix_change_mm(new, matrix, check_points)
-        matrix = new
-        if change < settings["converged_mm"]:
-            break
-    info["iterations"] = iterations
-    info["last_change_mm"] = round(change, 4) if iterations else None
-    info["converged"] = bool(iterations and change < settings["converged_mm"])
+    matrix, kind = _first_fit([p for p in pairs if p.status == "candidate"], settings, seed, scale)
+    matrix, kind, iterations, change = _fit_common_parts(pairs, matrix, kind, fixed, moving, settings, scale)
+    info: dict = {"iterations": iterations, "last_change_mm": round(change, 4) if iterations else None,
+                  "converged": bool(iterations and change < settings["converged_mm"])}
     if iterations and not info["converged"]:
         warnings.append(f"anatomy: the common-part iterations did not settle (last change {change:.2f} mm)")
     active = [p for p in pairs if p.status == "candidate"]
@@ -516,6 +480,49 @@ def fit(pairs: list[Pair], fixed: sitk.Image, moving: sitk.Image, settings: dict
     used = [p for p in pairs if p.status == "used"]
     info["rms_residual_mm"] = round(float(np.sqrt(np.mean([p.residual_mm ** 2 for p in used]))), 3)
     return matrix, kind, info, warnings
+
+
+def _first_fit(active: list[Pair], settings: dict, seed: int, scale: bool) -> tuple[np.ndarray, str]:
+    """(matrix, kind) of the first pass: RANSAC + robust least squares, or a translation when the structures
+    do not fix a rotation."""
+    rng = np.random.default_rng(seed)
+    matrix = _ransac(active, settings, rng, scale) if _usable_rank(active) else None
+    if matrix is not None:
+        return _refine_lsq(active, matrix, settings, scale), settings["transform"]
+    if not active:
+        raise InputError("No structure is usable in both label maps",
+                         "check that both label maps come from TotalSegmentator for these images and show "
+                         "common anatomy; or use --prealign search")
+    return _fit_translation(active), "translation"
+
+
+def _fit_common_parts(pairs: list[Pair], matrix: np.ndarray, kind: str, fixed: sitk.Image, moving: sitk.Image,
+                      settings: dict, scale: bool) -> tuple[np.ndarray, str, int, float]:
+    """Refit on the parts both images show until the matrix moves the centroids less than ``converged_mm``.
+
+    Returns (matrix, kind, iterations, last change in mm); ``kind`` drops to translation when too few
+    structures remain to fix a rotation.
+    """
+    check_points = np.array([p.fixed.centroid for p in pairs])
+    iterations = 0
+    change = 0.0
+    for iterations in range(1, settings["max_iterations"] + 1):  # noqa: B007 - returned below
+        _update_common_parts(pairs, matrix, fixed, moving, settings)
+        active = [p for p in pairs if p.status == "candidate"]
+        _reject_outliers(active, matrix, settings)
+        active = [p for p in active if p.status == "candidate"]
+        if not active:
+            break
+        if kind != "translation" and _usable_rank(active):
+            new = _refine_lsq(active, matrix, settings, scale)
+        else:
+            kind = "translation"
+            new = _fit_translation(active)
+        change = _matrix_change_mm(new, matrix, check_points)
+        matrix = new
+        if change < settings["converged_mm"]:
+            break
+    return matrix, kind, iterations, change
 
 
 def _reject_outliers(active: list[Pair], matrix: np.ndarray, settings: dict) -> None:
@@ -553,12 +560,17 @@ def _coarse(image: sitk.Image, max_voxels: int = 6_000_000) -> sitk.Image:
     factor = (n / max_voxels) ** (1 / 3)
     spacing = [s * factor for s in image.GetSpacing()]
     size = [max(1, int(round(sz / factor))) for sz in image.GetSize()]
+    return _nearest_copy(image, spacing, size, np.full(3, (factor - 1) / 2.0))
+
+
+def _nearest_copy(image: sitk.Image, spacing: list[float], size: list[int], first_index: np.ndarray) -> sitk.Image:
+    """Nearest-neighbour copy of ``image`` on a grid with its direction, ``spacing`` and ``size``, whose first voxel
+    centre sits at continuous index ``first_index`` of ``image`` (half the change of voxel size keeps the extent)."""
     ref = sitk.Image(size, image.GetPixelID())
     ref.SetSpacing(spacing)
     ref.SetDirection(image.GetDirection())
-    a, origin = _index_to_physical(image)
-    # keep the same physical extent: first voxel centre shifted by half the change of voxel size
-    ref.SetOrigin((origin + a @ np.full(3, (factor - 1) / 2.0)).tolist())
+    a, origin = index_to_physical_matrix(image)
+    ref.SetOrigin((origin + a @ first_index).tolist())
     return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
 
 
@@ -613,10 +625,10 @@ def refine_by_overlap(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix:
     rng = np.random.default_rng(seed)
     moving_small = _resample_iso(moving_canon, spacing_mm)
     m_array = sitk.GetArrayViewFromImage(moving_small)
-    a_m, o_m = _index_to_physical(moving_small)
+    a_m, o_m = index_to_physical_matrix(moving_small)
     inv_a_m = np.linalg.inv(a_m)
     f_array = sitk.GetArrayViewFromImage(fixed_canon)
-    a_f, o_f = _index_to_physical(fixed_canon)
+    a_f, o_f = index_to_physical_matrix(fixed_canon)
     samples = []
     for k in names.values():
         idx = np.argwhere(f_array == k)
@@ -638,7 +650,7 @@ def refine_by_overlap(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix:
             m = _perturb(base, x, center, scale)
             total, weight = 0.0, 0
             for k, pts in samples:
-                idx = (_apply(m, pts) - o_m) @ inv_a_m.T
+                idx = (apply_matrix(m, pts) - o_m) @ inv_a_m.T
                 ok = np.all((idx >= 0) & (idx <= size - 1), axis=1)
                 if ok.sum() < 10:
                     continue
@@ -661,23 +673,19 @@ def _perturb(base: np.ndarray, x: np.ndarray, center: np.ndarray, scale: bool) -
     s = math.exp(x[6] / 100.0) if scale and len(x) > 6 else 1.0
     delta = np.eye(4)
     delta[:3, :3] = s * rot
-    moved_center = _apply(base, center[None])[0]
+    moved_center = apply_matrix(base, center[None])[0]
     delta[:3, 3] = moved_center + x[3:6] - delta[:3, :3] @ moved_center
     return delta @ base
 
 
 def _resample_iso(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """The label image itself, or a nearest-neighbour copy no finer than ``spacing_mm`` along any grid axis."""
     spacing = [max(s, spacing_mm) for s in image.GetSpacing()]
     if np.allclose(spacing, image.GetSpacing()):
         return image
     size = [max(1, int(round(sz * s / t))) for sz, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    ref = sitk.Image(size, image.GetPixelID())
-    ref.SetSpacing(spacing)
-    ref.SetDirection(image.GetDirection())
-    a, origin = _index_to_physical(image)
     shift = (np.asarray(spacing) / np.asarray(image.GetSpacing()) - 1) / 2.0
-    ref.SetOrigin((origin + a @ shift).tolist())
-    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+    return _nearest_copy(image, spacing, size, shift)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -724,7 +732,8 @@ def build_pairs(fixed_structures: dict, moving_structures: dict, settings: dict)
             what = " and ".join(f"{s.volume_ml:.2f} ml in the {side} image" for side, s in small)
             cut = any(s.cut_faces for _, s in small)
             pair.status = "rejected"
-            pair.reason = ("cut by a field of view: too little of it is visible (" if cut else "too small (") + what + ")"
+            pair.reason = (("cut by a field of view: too little of it is visible (" if cut else "too small (")
+                           + what + ")")
             pair.final = True
         elif not truncated and not (1 / settings["volume_ratio_limit"] < ratio < settings["volume_ratio_limit"]):
             pair.truncated = True  # likely cut by an oblique FOV edge or mis-segmented: treat as cut
@@ -746,12 +755,38 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
                          "pass --fixed-labels and --moving-labels (TotalSegmentator output) or --segment both")
     settings = options_from(inputs)
     progress = inputs.progress
+    tasks, fixed_map, moving_map, pairs, one_side = _match_structures(inputs, settings)
+    progress.report("prealign", 0.3, "anatomy: robust fit")
+    matrix, kind, fit_info, warnings = fit(pairs, inputs.fixed_labels, inputs.moving_labels, settings, inputs.seed)
+    used = [p for p in pairs if p.status == "used"]
+    numbers = {p.name: i + 1 for i, p in enumerate(pairs)}
+    fixed_canon = canonical_image(inputs.fixed_labels, fixed_map, numbers)
+    moving_canon = canonical_image(inputs.moving_labels, moving_map, numbers)
+    dice_before = dice_scores(fixed_canon, moving_canon, np.eye(4), numbers)
+    dice_fit = dice_scores(fixed_canon, moving_canon, matrix, numbers)
+    final, dice_after, refinement = _refine_on_labels(fixed_canon, moving_canon, matrix, kind, used, numbers,
+                                                      dice_fit, settings, inputs)
+    center = np.mean([p.fixed.centroid for p in used], axis=0) if used else np.zeros(3)
+    transform = _matrix_to_transform(final, kind, center)
+    details = _anatomy_details(settings, tasks, kind, pairs, one_side, fit_info, refinement, final,
+                               dice_before, dice_after, transform)
+    if details["truncated"]:
+        warnings.append("anatomy: structures cut by a field of view were down-weighted or rejected: "
+                        + ", ".join(details["truncated"]))
+    progress.report("prealign", 1.0,
+                    f"anatomy: {len(details['used'])} structures used, {len(details['rejected'])} rejected")
+    return PrealignResult("anatomy", transform, details, warnings)
+
+
+def _match_structures(inputs: PrealignInputs, settings: dict) -> tuple[dict, dict, dict, list[Pair], dict]:
+    """Both label maps measured and paired by name: (tasks and their sources, fixed and moving
+    {label value: canonical name}, pairs, names seen on one side only). InputError when no pair is usable."""
     fixed_task, fixed_reason = _task_for(inputs.fixed_labels, inputs.fixed, inputs.fixed_labels_task, "fixed")
     moving_task, moving_reason = _task_for(inputs.moving_labels, inputs.moving, inputs.moving_labels_task, "moving")
     fixed_names = label_io.names_in(inputs.fixed_labels, fixed_task)
     moving_names = label_io.names_in(inputs.moving_labels, moving_task)
     fixed_map, moving_map = canonical_maps(fixed_names, moving_names)
-    progress.report("prealign", 0.0, "anatomy: measuring structures")
+    inputs.progress.report("prealign", 0.0, "anatomy: measuring structures")
     fixed_structures = measure_structures(inputs.fixed_labels, fixed_map, settings["max_points"])
     moving_structures = measure_structures(inputs.moving_labels, moving_map, settings["max_points"])
     pairs, one_side = build_pairs(fixed_structures, moving_structures, settings)
@@ -766,83 +801,78 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
             f"The label maps share no usable structure (fixed: {len(fixed_structures)} structures of task "
             f"'{fixed_task}', moving: {len(moving_structures)} of task '{moving_task}')",
             "check the tasks (--fixed-labels-task/--moving-labels-task) and that both scans show common anatomy")
-    progress.report("prealign", 0.3, "anatomy: robust fit")
-    matrix, kind, fit_info, warnings = fit(pairs, inputs.fixed_labels, inputs.moving_labels, settings, inputs.seed)
-    used = [p for p in pairs if p.status == "used"]
-    numbers = {p.name: i + 1 for i, p in enumerate(pairs)}
-    fixed_canon = canonical_image(inputs.fixed_labels, fixed_map, numbers)
-    moving_canon = canonical_image(inputs.moving_labels, moving_map, numbers)
-    identity = np.eye(4)
-    dice_before, dice_before_common = dice_scores(fixed_canon, moving_canon, identity, numbers)
-    dice_fit, dice_fit_common = dice_scores(fixed_canon, moving_canon, matrix, numbers)
+    tasks = {"fixed_task": fixed_task, "moving_task": moving_task,
+             "fixed_task_source": fixed_reason, "moving_task_source": moving_reason}
+    return tasks, fixed_map, moving_map, pairs, one_side
+
+
+def _refine_on_labels(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix: np.ndarray, kind: str,
+                      used: list[Pair], numbers: dict[str, int], dice_fit: tuple[dict, dict], settings: dict,
+                      inputs: PrealignInputs) -> tuple[np.ndarray, tuple[dict, dict], dict]:
+    """(final matrix, its Dice (whole, common field of view), record): the label-overlap refinement, kept only
+    when it raises the mean common-field-of-view Dice of the used structures."""
     refinement: dict = {"requested": bool(settings["refine_labels"])}
-    final = matrix
-    dice_after, dice_after_common = dice_fit, dice_fit_common
-    if settings["refine_labels"] and kind != "translation" and used:
-        progress.report("prealign", 0.6, "anatomy: refining on label overlap")
-        used_numbers = {p.name: numbers[p.name] for p in used}
-        refined = refine_by_overlap(fixed_canon, moving_canon, matrix, used_numbers,
-                                    kind == "similarity", inputs.seed)
-        dice_ref, dice_ref_common = dice_scores(fixed_canon, moving_canon, refined, numbers)
-        before = _mean(dice_fit_common[p.name] for p in used) or 0.0
-        after = _mean(dice_ref_common[p.name] for p in used) or 0.0
-        moved = _matrix_change_mm(refined, matrix, np.array([p.fixed.centroid for p in used]))
-        refinement.update({"mean_dice_used_before": before, "mean_dice_used_after": after,
-                           "change_mm": round(moved, 3)})
-        if after > before + 1e-4:
-            final = refined
-            dice_after, dice_after_common = dice_ref, dice_ref_common
-            refinement["kept"] = True
-        else:
-            refinement["kept"] = False
-            refinement["why_not"] = "label overlap did not improve the Dice of the used structures"
-    residuals_final = _residuals(pairs, final)
-    center = np.mean([p.fixed.centroid for p in used], axis=0) if used else np.zeros(3)
-    transform = _matrix_to_transform(final, kind, center)
-    structures = []
-    for p, r in zip(pairs, residuals_final):
-        entry = {
-            "name": p.name, "status": p.status, "weight": round(float(p.weight), 3),
-            "truncated": p.truncated,
-            "cut_in_fixed": list(p.fixed.cut_faces), "cut_in_moving": list(p.moving.cut_faces),
-            "handling": p.handling if p.status == "used" else "",
-            "reason": p.reason if p.status == "rejected" else "",
-            "residual_mm": round(float(r), 3),
-            "centroid_distance_mm": round(float(np.linalg.norm(_apply(final, p.fixed.centroid[None])[0]
-                                                               - p.moving.centroid)), 3),
-            "centroid_distance_before_mm": round(float(np.linalg.norm(p.fixed.centroid - p.moving.centroid)), 3),
-            "dice_before": dice_before[p.name], "dice_after": dice_after[p.name],
-            "dice_common_fov_before": dice_before_common[p.name], "dice_common_fov_after": dice_after_common[p.name],
-            "common_fraction": None if p.common_fraction is None else round(p.common_fraction, 3),
-            "fixed": p.fixed.summary(), "moving": p.moving.summary(),
-        }
-        structures.append(entry)
-    rejected = {p.name: p.reason for p in pairs if p.status == "rejected"}
-    truncated = [p.name for p in pairs if p.truncated]
-    if truncated:
-        warnings.append("anatomy: structures cut by a field of view were down-weighted or rejected: "
-                        + ", ".join(truncated))
-    details = {
+    if not (settings["refine_labels"] and kind != "translation" and used):
+        return matrix, dice_fit, refinement
+    inputs.progress.report("prealign", 0.6, "anatomy: refining on label overlap")
+    used_numbers = {p.name: numbers[p.name] for p in used}
+    refined = refine_by_overlap(fixed_canon, moving_canon, matrix, used_numbers, kind == "similarity", inputs.seed)
+    dice_refined = dice_scores(fixed_canon, moving_canon, refined, numbers)
+    before = _mean(dice_fit[1][p.name] for p in used) or 0.0
+    after = _mean(dice_refined[1][p.name] for p in used) or 0.0
+    moved = _matrix_change_mm(refined, matrix, np.array([p.fixed.centroid for p in used]))
+    refinement.update({"mean_dice_used_before": before, "mean_dice_used_after": after,
+                       "change_mm": round(moved, 3)})
+    if after > before + 1e-4:
+        refinement["kept"] = True
+        return refined, dice_refined, refinement
+    refinement["kept"] = False
+    refinement["why_not"] = "label overlap did not improve the Dice of the used structures"
+    return matrix, dice_fit, refinement
+
+
+def _structure_entry(p: Pair, residual_mm: float, final: np.ndarray, dice_before: tuple[dict, dict],
+                     dice_after: tuple[dict, dict]) -> dict:
+    """One structure's record in ``details["structures"]`` (distances in mm, Dice whole and in the common FOV)."""
+    return {
+        "name": p.name, "status": p.status, "weight": round(float(p.weight), 3),
+        "truncated": p.truncated,
+        "cut_in_fixed": list(p.fixed.cut_faces), "cut_in_moving": list(p.moving.cut_faces),
+        "handling": p.handling if p.status == "used" else "",
+        "reason": p.reason if p.status == "rejected" else "",
+        "residual_mm": round(float(residual_mm), 3),
+        "centroid_distance_mm": round(float(np.linalg.norm(apply_matrix(final, p.fixed.centroid[None])[0]
+                                                           - p.moving.centroid)), 3),
+        "centroid_distance_before_mm": round(float(np.linalg.norm(p.fixed.centroid - p.moving.centroid)), 3),
+        "dice_before": dice_before[0][p.name], "dice_after": dice_after[0][p.name],
+        "dice_common_fov_before": dice_before[1][p.name], "dice_common_fov_after": dice_after[1][p.name],
+        "common_fraction": None if p.common_fraction is None else round(p.common_fraction, 3),
+        "fixed": p.fixed.summary(), "moving": p.moving.summary(),
+    }
+
+
+def _anatomy_details(settings: dict, tasks: dict, kind: str, pairs: list[Pair], one_side: dict, fit_info: dict,
+                     refinement: dict, final: np.ndarray, dice_before: tuple[dict, dict],
+                     dice_after: tuple[dict, dict], transform: sitk.Transform) -> dict:
+    """The ``details`` block of report.json: every structure used or rejected and why, residuals, Dice."""
+    used = [p for p in pairs if p.status == "used"]
+    structures = [_structure_entry(p, r, final, dice_before, dice_after)
+                  for p, r in zip(pairs, _residuals(pairs, final))]
+    return {
         "description": "robust fit of TotalSegmentator structure centroids (matched by name), cut structures "
                        "reduced to the part both images show" + (", refined on label overlap"
                                                                   if refinement.get("kept") else ""),
-        "fixed_task": fixed_task, "moving_task": moving_task,
-        "fixed_task_source": fixed_reason, "moving_task_source": moving_reason,
+        **tasks,
         "transform_type": kind, "settings": {k: settings[k] for k in sorted(settings)},
-        "used": [p.name for p in used], "rejected": rejected, "truncated": truncated,
+        "used": [p.name for p in used], "rejected": {p.name: p.reason for p in pairs if p.status == "rejected"},
+        "truncated": [p.name for p in pairs if p.truncated],
         **one_side,
         "fit": fit_info, "refinement": refinement,
         "mean_residual_mm": _mean(p.residual_mm for p in used),
-        "mean_dice_before": _mean(dice_before[p.name] for p in pairs),
-        "mean_dice_after": _mean(dice_after[p.name] for p in pairs),
-        "mean_dice_common_fov_before": _mean(dice_before_common[p.name] for p in pairs),
-        "mean_dice_common_fov_after": _mean(dice_after_common[p.name] for p in pairs),
+        "mean_dice_before": _mean(dice_before[0][p.name] for p in pairs),
+        "mean_dice_after": _mean(dice_after[0][p.name] for p in pairs),
+        "mean_dice_common_fov_before": _mean(dice_before[1][p.name] for p in pairs),
+        "mean_dice_common_fov_after": _mean(dice_after[1][p.name] for p in pairs),
         "structures": structures,
         "transform": transforms.summarize(transform),
     }
-    progress.report("prealign", 1.0, f"anatomy: {len(used)} structures used, {len(rejected)} rejected")
-    return PrealignResult("anatomy", transform, details, warnings)
-
-
-def _round(values, digits: int = 3) -> list[float]:
-    return [round(float(v), digits) for v in np.asarray(values).ravel()]

@@ -1,9 +1,14 @@
-"""What every pre-alignment method takes and returns (fixed->moving transforms, physical LPS mm)."""
+"""What every pre-alignment method takes (:class:`PrealignInputs`) and returns (:class:`PrealignResult`).
+
+A result's transform maps fixed physical points to moving physical points (LPS mm, ITK resampling direction);
+its ``details`` and ``candidates`` are JSON-ready for report.json (:func:`rounded`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..progress import SILENT, Progress
@@ -33,3 +38,8 @@ class PrealignResult:
     details: dict = field(default_factory=dict)  # JSON-ready, goes into report.json
     warnings: list = field(default_factory=list)
     candidates: list = field(default_factory=list)  # JSON-ready list of tried poses and scores
+
+
+def rounded(values, digits: int = 3) -> list[float]:
+    """``values`` (any array shape) as a flat list of floats rounded to ``digits``, for ``details``."""
+    return [round(float(v), digits) for v in np.asarray(values).ravel()]

@@ -46,6 +46,7 @@ from ..errors import InputError
 from ..geometry import image_space, transforms
 from ..geometry.masks import foreground_mask, padding_value
 from ..io.image_io import as_float32
+from ..progress import Progress
 from ..resource_files import load_resource_json
 from .base import PrealignInputs, PrealignResult
 
@@ -66,7 +67,8 @@ def default_options() -> dict:
 
 
 #: Options that are lengths (mm). Their defaults are set for human anatomy (a field of view of
-#: ``reference_extent_mm`` or more); for smaller objects they shrink in proportion (see :func:`image_space.object_scale`).
+#: ``reference_extent_mm`` or more); for smaller objects they shrink in proportion
+#: (see :func:`image_space.object_scale`).
 LENGTH_OPTIONS = ("coarse_spacing_mm", "fine_spacing_mm", "final_spacing_mm", "rim_mm", "slide_step_mm",
                   "slide_min_difference_mm", "distinct_mm", "local_start_step_mm", "fine_start_step_mm",
                   "final_start_step_mm")
@@ -133,14 +135,15 @@ def shrink_factors(spacing, target_mm: float) -> list[int]:
 
 
 def _index_from_physical(image: sitk.Image) -> np.ndarray:
-    a = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
+    """3x4 matrix M with continuous index (x, y, z) = M[:, :3] @ p + M[:, 3] for a physical point p (LPS mm)."""
+    a, origin = image_space.index_to_physical_matrix(image)
     inv = np.linalg.inv(a)
-    return np.hstack([inv, (-inv @ np.asarray(image.GetOrigin(), float))[:, None]])
+    return np.hstack([inv, (-inv @ origin)[:, None]])
 
 
 def _voxel_points(image: sitk.Image, idx_zyx: np.ndarray) -> np.ndarray:
-    a = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
-    return idx_zyx[:, ::-1].astype(float) @ a.T + np.asarray(image.GetOrigin(), float)
+    """Physical centres (LPS mm) of voxels given as (z, y, x) array indices."""
+    return image_space.index_to_physical_points(image, idx_zyx[:, ::-1].astype(float))
 
 
 def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, rim_mm: float,
@@ -151,6 +154,22 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
     (nearest neighbour) instead of thresholding and dilating again at this level.
     """
     factors = shrink_factors(image.GetSpacing(), target_mm)
+    small, array = _box_averaged(image, factors)
+    body, body_image, region, region_image, has_body = _body_and_region(small, array, rim_mm, masks_from)
+    scaled, lo, hi = _scaled_intensities(small, array, region, bins)
+    rng = np.random.default_rng(seed)  # one stream: region samples first, then the body subsamples
+    points, point_bins, point_in_body = _region_samples(small, region, body, scaled, max_points, rng)
+    centroid, axes, body_points, volume = _body_shape(small, body, rng)
+    info = {"shrink_factors": factors, "spacing_mm": [round(s, 3) for s in small.GetSpacing()],
+            "size": list(small.GetSize()), "intensity_range": [round(lo, 2), round(hi, 2)],
+            "samples": int(points.shape[0]), "body_volume_ml": round(volume / 1000.0, 2), "body_found": has_body}
+    return Level(small, body_image, region_image, scaled, _index_from_physical(small),
+                 np.asarray(small.GetSize(), float), points, np.ascontiguousarray(points.T), point_bins,
+                 point_in_body, centroid, axes, body_points, volume, image_space.image_center(small), has_body, info)
+
+
+def _box_averaged(image: sitk.Image, factors: list[int]) -> tuple[sitk.Image, np.ndarray]:
+    """Float32 copy box-averaged by ``factors`` and its (z, y, x) array, CT padding kept as padding."""
     shrink = any(f > 1 for f in factors)
     small = sitk.Cast(sitk.BinShrink(image, factors) if shrink else image, sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(small)
@@ -165,14 +184,21 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
         cleaned = sitk.GetImageFromArray(array)
         cleaned.CopyInformation(small)
         small = cleaned
+    return small, array
+
+
+def _body_and_region(small: sitk.Image, array: np.ndarray, rim_mm: float, masks_from: Level | None) -> tuple:
+    """(body array, body image, body+rim array, body+rim image, body found) on ``small``'s grid.
+
+    The body is thresholded (``masks_from`` None) or resampled from a coarser level; with no object found
+    every voxel counts as body (recorded, reported as a warning).
+    """
     if masks_from is not None:
         body = _resampled_mask(masks_from.mask, small)
     else:
         body = sitk.GetArrayFromImage(foreground_mask(small, working_spacing_mm=None)) > 0
-    info = {"shrink_factors": factors, "spacing_mm": [round(s, 3) for s in small.GetSpacing()],
-            "size": list(small.GetSize())}
     has_body = int(body.sum()) >= 27
-    if not has_body:  # no object found: use every voxel (recorded, reported as a warning)
+    if not has_body:
         body = np.ones(array.shape, bool)
     body_image = _mask_from_array(body, small)
     if masks_from is not None:
@@ -182,6 +208,12 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
         radius = [max(0, int(round(rim_mm / s))) for s in small.GetSpacing()]
         region_image = sitk.BinaryDilate(body_image, radius, sitk.sitkBall) if max(radius) > 0 else body_image
         region = sitk.GetArrayFromImage(region_image) > 0
+    return body, body_image, region, region_image, has_body
+
+
+def _scaled_intensities(small: sitk.Image, array: np.ndarray, region: np.ndarray,
+                        bins: int) -> tuple[np.ndarray, float, float]:
+    """Intensities scaled to [0, bins-1] over the robust range (0.5-99.5 percentiles) inside ``region``."""
     pad = padding_value(small)
     valid = array > pad + 0.5 if pad is not None else np.ones(array.shape, bool)
     values = array[region & valid]
@@ -191,13 +223,23 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
     if hi <= lo:
         hi = lo + 1.0
     scaled = np.clip((array - lo) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) * np.float32(bins - 1)
-    rng = np.random.default_rng(seed)
+    return scaled, lo, hi
+
+
+def _region_samples(small: sitk.Image, region: np.ndarray, body: np.ndarray, scaled: np.ndarray,
+                    max_points: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample points (physical, at most ``max_points`` of the body+rim voxels), their bins, in-body flags."""
     idx = np.argwhere(region)
     if idx.shape[0] > max_points:
         idx = idx[np.sort(rng.choice(idx.shape[0], max_points, replace=False))]
     points = _voxel_points(small, idx)
     point_bins = np.floor(scaled[idx[:, 0], idx[:, 1], idx[:, 2]] + 0.5).astype(np.int64)
     point_in_body = body[idx[:, 0], idx[:, 1], idx[:, 2]]
+    return points, point_bins, point_in_body
+
+
+def _body_shape(small: sitk.Image, body: np.ndarray, rng: np.random.Generator) -> tuple:
+    """(centroid, principal axes, up to 600 body voxel centres, volume mm3) of the body mask."""
     body_idx = np.argwhere(body)
     volume = float(body_idx.shape[0] * np.prod(small.GetSpacing()))
     if body_idx.shape[0] > 200_000:  # centroid and axes from a (seeded) subsample: same to a fraction of a mm
@@ -205,13 +247,7 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
     centroid, axes = _centroid_and_axes(_voxel_points(small, body_idx))
     if body_idx.shape[0] > 600:
         body_idx = body_idx[np.sort(rng.choice(body_idx.shape[0], 600, replace=False))]
-    size = np.asarray(small.GetSize(), float)
-    geometric_center = np.asarray(small.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
-    info.update({"intensity_range": [round(lo, 2), round(hi, 2)], "samples": int(points.shape[0]),
-                 "body_volume_ml": round(volume / 1000.0, 2), "body_found": has_body})
-    return Level(small, body_image, region_image, scaled, _index_from_physical(small), size, points,
-                 np.ascontiguousarray(points.T), point_bins, point_in_body, centroid, axes,
-                 _voxel_points(small, body_idx), volume, geometric_center, has_body, info)
+    return centroid, axes, _voxel_points(small, body_idx), volume
 
 
 def _centroid_and_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -537,51 +573,113 @@ def pattern_search(start: np.ndarray, scorer: Scorer, center: np.ndarray, step_d
 
 
 # ------------------------------------------------------------------------------------------ entry point
+@dataclass
+class _Run:
+    """What the steps of one search share: options, CPU-time budget, warnings, step timings (s), progress."""
+
+    options: dict
+    cpu_started: float
+    progress: Progress
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    lap_started: float = 0.0
+
+    def budget_share(self, share: float) -> float:
+        """The budget clock's value when ``share`` of the budget is used."""
+        return self.cpu_started + share * float(self.options["budget_s"])
+
+    @property
+    def deadline(self) -> float:
+        return self.cpu_started + float(self.options["budget_s"])
+
+    def deadline_or_soon(self) -> float:
+        """The deadline, or 0.2 s from now when it has passed (one more step still gets a little time)."""
+        return max(self.deadline, budget_clock() + 0.2)
+
+    def lap(self, name: str) -> None:
+        """Record the wall time (s) since the previous lap as ``timings[name]``."""
+        self.timings[name] = round(time.perf_counter() - self.lap_started, 3)
+        self.lap_started = time.perf_counter()
+
+    def refine(self, matrix: np.ndarray, scorer: Scorer, steps: str, until: float) -> tuple[np.ndarray, dict]:
+        """Pattern search on ``scorer``'s level about the overlap centre, with the ``steps`` option set
+        (``local``, ``fine`` or ``final``: ``<steps>_start_step_deg/_mm``, ``<steps>_min_step_deg``)."""
+        center = overlap_center(matrix, scorer.fixed, scorer.moving)
+        o = self.options
+        return pattern_search(matrix, scorer, center, o[f"{steps}_start_step_deg"], o[f"{steps}_start_step_mm"],
+                              o[f"{steps}_min_step_deg"], until)
+
+
 def prealign(inputs: PrealignInputs) -> PrealignResult:
     """Global rigid search; the result maps fixed physical LPS points to moving ones (Euler3DTransform)."""
     started = time.perf_counter()
+    run, scale = _start_run(inputs)
+    run.progress.report("prealign", 0.1, "search: preparing coarse copies")
+    run.lap_started = time.perf_counter()
+    # float32 first: BinShrink of an integer image rounds the averages, and the result would then depend on
+    # whether the caller passed int16 (files) or float32 (the pipeline)
+    fixed_image, moving_image = as_float32(inputs.fixed), as_float32(inputs.moving)
+    coarse, fine = _prepare_levels(fixed_image, moving_image, inputs.seed, run)
+    cands, global_scored = _score_global_candidates(coarse, run)
+    probe = coarse.fixed.body_points[:: max(1, coarse.fixed.body_points.shape[0] // 60)]
+    local, local_starts = _local_search(cands, global_scored, coarse, probe, run)
+    finals = _refine_on_fine_level(local or local_starts, fine, probe, run)
+    best = max(finals, key=lambda c: c.score)
+    if run.options["turn_probes"] and budget_clock() < run.deadline:
+        turned = _turn_probes(best, coarse, fine, run)
+        best = max([best] + turned, key=lambda c: c.score)
+        finals += turned
+        run.lap("turn_s")
+    if run.options["final_spacing_mm"] < run.options["fine_spacing_mm"] and budget_clock() < run.deadline - 0.5:
+        best = _polish_on_final_level(best, fixed_image, moving_image, inputs.seed, coarse, run)
+        finals.append(best)
+        run.lap("final_s")
+    transform = transforms.rigid_from_matrix(best.matrix, center=fine.fixed.body_centroid)
+    total = round(time.perf_counter() - started, 3)
+    run.timings["total_s"] = total
+    run.timings["cpu_s"] = round(budget_clock() - run.cpu_started, 3)
+    records = _candidate_records(global_scored, local + finals, int(run.options["max_recorded_candidates"]))
+    details = _search_details(run, scale, best, len(cands), global_scored, coarse, fine)
+    run.progress.report("prealign", 0.3, f"search: done in {total:.1f} s (score {best.score:.3f})")
+    return PrealignResult("search", transform, details, run.warnings, records)
+
+
+def _start_run(inputs: PrealignInputs) -> tuple[_Run, float]:
+    """The run state with the resolved options, lengths scaled to the object size; and that scale."""
     cpu_started = budget_clock()
     options = resolve_options(inputs.options)
     scale = image_space.object_scale(inputs.fixed, inputs.moving, options["reference_extent_mm"])
     options = scaled_options(options, scale, set(inputs.options or {}))
     if options["coarse_spacing_mm"] < options["fine_spacing_mm"]:
         options["coarse_spacing_mm"] = options["fine_spacing_mm"]
-    deadline = cpu_started + float(options["budget_s"])
-    timings: dict = {}
-    warnings: list = []
-    progress = inputs.progress
-    bins = int(options["histogram_bins"])
-    progress.report("prealign", 0.1, "search: preparing coarse copies")
+    return _Run(options, cpu_started, inputs.progress), scale
 
-    def lap(name, since):
-        timings[name] = round(time.perf_counter() - since, 3)
-        return time.perf_counter()
 
-    t = time.perf_counter()
-    # float32 first: BinShrink of an integer image rounds the averages, and the result would then depend on
-    # whether the caller passed int16 (files) or float32 (the pipeline)
-    fixed_image, moving_image = as_float32(inputs.fixed), as_float32(inputs.moving)
+def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int, run: _Run) -> tuple[Scorer, Scorer]:
+    """Coarse and fine levels of both images, as the coarse and the fine scorer."""
+    options, bins = run.options, int(run.options["histogram_bins"])
     levels = {}
-    for name, image, seed in (("fixed", fixed_image, inputs.seed), ("moving", moving_image, inputs.seed + 1)):
+    for name, image, level_seed in (("fixed", fixed_image, seed), ("moving", moving_image, seed + 1)):
         # the coarse level first (its body mask is cheap), then the fine level reusing that mask
         fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"]))
         coarse = make_level(fine_image, options["coarse_spacing_mm"], bins, int(options["max_points_coarse"]),
-                            options["rim_mm"], seed)
+                            options["rim_mm"], level_seed)
         fine = make_level(fine_image, options["fine_spacing_mm"], bins, int(options["max_points_fine"]),
-                          options["rim_mm"], seed, coarse)
+                          options["rim_mm"], level_seed, coarse)
         levels[name] = (fine, coarse)
     (fixed_fine, fixed_coarse), (moving_fine, moving_coarse) = levels["fixed"], levels["moving"]
     for name, level in (("fixed", fixed_coarse), ("moving", moving_coarse)):
         if not level.has_body:
-            warnings.append(f"search: no object found in the {name} image by thresholding; scored all voxels")
-    t = lap("prepare_s", t)
+            run.warnings.append(f"search: no object found in the {name} image by thresholding; scored all voxels")
+    run.lap("prepare_s")
+    return (Scorer(fixed_coarse, moving_coarse, bins, options["min_overlap_fraction"]),
+            Scorer(fixed_fine, moving_fine, bins, options["min_overlap_fraction"]))
 
-    coarse = Scorer(fixed_coarse, moving_coarse, bins, options["min_overlap_fraction"])
-    fine = Scorer(fixed_fine, moving_fine, bins, options["min_overlap_fraction"])
 
-    # 1. global candidates, scored in order until half the budget is used
-    cands = global_candidates(fixed_coarse, moving_coarse, options)
-    global_deadline = cpu_started + 0.5 * float(options["budget_s"])
+def _score_global_candidates(coarse: Scorer, run: _Run) -> tuple[list[Candidate], list[Candidate]]:
+    """Step 1: (all global candidates, the ones scored), scored in order until half the budget is used."""
+    cands = global_candidates(coarse.fixed, coarse.moving, run.options)
+    global_deadline = run.budget_share(0.5)
     scored = 0
     chunk = 96
     for begin in range(0, len(cands), chunk):
@@ -593,104 +691,103 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         if budget_clock() > global_deadline:
             break
     if scored < len(cands):
-        warnings.append(f"search: time budget reached; scored {scored} of {len(cands)} global candidates")
-    global_scored = cands[:scored]
-    progress.report("prealign", 0.2, f"search: {scored} poses scored")
-    t = lap("global_s", t)
+        run.warnings.append(f"search: time budget reached; scored {scored} of {len(cands)} global candidates")
+    run.progress.report("prealign", 0.2, f"search: {scored} poses scored")
+    run.lap("global_s")
+    return cands, cands[:scored]
 
-    def refine(matrix: np.ndarray, scorer: Scorer, steps: str, until: float):
-        """Pattern search on ``scorer``'s level about the overlap centre, with the ``steps`` option set
-        (``local``, ``fine`` or ``final``: ``<steps>_start_step_deg/_mm``, ``<steps>_min_step_deg``)."""
-        center = overlap_center(matrix, scorer.fixed, scorer.moving)
-        return pattern_search(matrix, scorer, center, options[f"{steps}_start_step_deg"],
-                              options[f"{steps}_start_step_mm"], options[f"{steps}_min_step_deg"], until)
 
-    # 2. local pattern search (coarse level) from the best distinct candidates
-    probe = fixed_coarse.body_points[:: max(1, fixed_coarse.body_points.shape[0] // 60)]
+def _local_search(cands: list[Candidate], global_scored: list[Candidate], coarse: Scorer, probe: np.ndarray,
+                  run: _Run) -> tuple[list[Candidate], list[Candidate]]:
+    """Step 2: (results, starts) of the coarse-level pattern search from the best distinct global candidates."""
+    options = run.options
     local_starts = distinct(global_scored, probe, options["distinct_mm"], int(options["n_local"]),
                             int(options["n_local_per_rotation"]))
     local: list[Candidate] = []
-    local_deadline = cpu_started + 0.75 * float(options["budget_s"])
+    local_deadline = run.budget_share(0.75)
     for start in local_starts:
         if budget_clock() > local_deadline and local:
-            warnings.append("search: time budget reached during local search")
+            run.warnings.append("search: time budget reached during local search")
             break
-        matrix, out = refine(start.matrix, coarse, "local", local_deadline)
+        matrix, out = run.refine(start.matrix, coarse, "local", local_deadline)
         local.append(Candidate(matrix, start.source, "local", out["score"], out["mi"], out["overlap"],
                                parent=cands.index(start)))
-    t = lap("local_s", t)
+    run.lap("local_s")
+    return local, local_starts
 
-    # 3. refinement at the fine level of the best distinct local results (same pattern search, finer steps)
-    to_refine = distinct(local or local_starts, probe, options["distinct_mm"], int(options["n_refine"]))
+
+def _refine_on_fine_level(starts: list[Candidate], fine: Scorer, probe: np.ndarray, run: _Run) -> list[Candidate]:
+    """Step 3: the same pattern search with finer steps on the fine level, from the best distinct starts."""
+    to_refine = distinct(starts, probe, run.options["distinct_mm"], int(run.options["n_refine"]))
     finals: list[Candidate] = []
     for cand in to_refine:
-        if budget_clock() > deadline and finals:
-            warnings.append("search: time budget reached during refinement")
+        if budget_clock() > run.deadline and finals:
+            run.warnings.append("search: time budget reached during refinement")
             break
-        matrix, out = refine(cand.matrix, fine, "fine", max(deadline, budget_clock() + 0.2))
+        matrix, out = run.refine(cand.matrix, fine, "fine", run.deadline_or_soon())
         finals.append(Candidate(matrix, cand.source, "refined", out["score"], out["mi"], out["overlap"]))
-    t = lap("refine_s", t)
-    best = max(finals, key=lambda c: c.score)
+    run.lap("refine_s")
+    return finals
 
-    # 3b. the winner turned 180 degrees about each principal axis of the fixed body (through the overlap
-    # centre), refined the same way: a near-symmetric object can lead every global candidate into the
-    # upside-down basin, and the right one is then a single turn away.
+
+def _turn_probes(best: Candidate, coarse: Scorer, fine: Scorer, run: _Run) -> list[Candidate]:
+    """Step 3b: the winner turned 180 degrees about each principal axis of the fixed body (through the overlap
+    centre), refined the same way: a near-symmetric object can lead every global candidate into the
+    upside-down basin, and the right one is then a single turn away."""
     turned: list[Candidate] = []
-    if options["turn_probes"] and budget_clock() < deadline:
-        center = overlap_center(best.matrix, fixed_fine, moving_fine)
-        for axis in range(3):
-            if budget_clock() > deadline:
-                warnings.append("search: time budget reached during the 180 degree turn probes")
-                break
-            start = perturbed(best.matrix, center, np.degrees(np.pi * fixed_coarse.body_axes[:, axis]), np.zeros(3))
-            matrix, _ = refine(start, coarse, "local", max(deadline, budget_clock() + 0.2))
-            matrix, out = refine(matrix, fine, "fine", max(deadline, budget_clock() + 0.2))
-            turned.append(Candidate(matrix, f"{best.source} turned 180 about body axis {axis}", "turned",
-                                    out["score"], out["mi"], out["overlap"]))
-        best = max([best] + turned, key=lambda c: c.score)
-        finals += turned
-        t = lap("turn_s", t)
+    center = overlap_center(best.matrix, fine.fixed, fine.moving)
+    for axis in range(3):
+        if budget_clock() > run.deadline:
+            run.warnings.append("search: time budget reached during the 180 degree turn probes")
+            break
+        start = perturbed(best.matrix, center, np.degrees(np.pi * coarse.fixed.body_axes[:, axis]), np.zeros(3))
+        matrix, _ = run.refine(start, coarse, "local", run.deadline_or_soon())
+        matrix, out = run.refine(matrix, fine, "fine", run.deadline_or_soon())
+        turned.append(Candidate(matrix, f"{best.source} turned 180 about body axis {axis}", "turned",
+                                out["score"], out["mi"], out["overlap"]))
+    return turned
 
-    # 4. polish the winner on a finer level (more bins and samples), when the budget allows
-    polished: list[Candidate] = []
-    if options["final_spacing_mm"] < options["fine_spacing_mm"] and budget_clock() < deadline - 0.5:
-        final_bins = int(options["final_histogram_bins"])
-        fixed_final = make_level(fixed_image, options["final_spacing_mm"], final_bins,
-                                 int(options["max_points_final"]), options["rim_mm"], inputs.seed, fixed_coarse)
-        moving_final = make_level(moving_image, options["final_spacing_mm"], final_bins,
-                                  int(options["max_points_final"]), options["rim_mm"], inputs.seed + 1,
-                                  moving_coarse)
-        final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"])
-        matrix, out = refine(best.matrix, final_scorer, "final", max(deadline, budget_clock() + 0.2))
-        polished.append(Candidate(matrix, best.source, "final", out["score"], out["mi"], out["overlap"]))
-        best = polished[0]
-        t = lap("final_s", t)
-    finals += polished
 
-    transform = transforms.rigid_from_matrix(best.matrix, center=fixed_fine.body_centroid)
-    total = round(time.perf_counter() - started, 3)
-    timings["total_s"] = total
-    timings["cpu_s"] = round(budget_clock() - cpu_started, 3)
+def _polish_on_final_level(best: Candidate, fixed_image: sitk.Image, moving_image: sitk.Image, seed: int,
+                           coarse: Scorer, run: _Run) -> Candidate:
+    """Step 4: the winner polished on a finer level (more bins and samples)."""
+    options = run.options
+    final_bins = int(options["final_histogram_bins"])
+    fixed_final = make_level(fixed_image, options["final_spacing_mm"], final_bins,
+                             int(options["max_points_final"]), options["rim_mm"], seed, coarse.fixed)
+    moving_final = make_level(moving_image, options["final_spacing_mm"], final_bins,
+                              int(options["max_points_final"]), options["rim_mm"], seed + 1, coarse.moving)
+    final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"])
+    matrix, out = run.refine(best.matrix, final_scorer, "final", run.deadline_or_soon())
+    return Candidate(matrix, best.source, "final", out["score"], out["mi"], out["overlap"])
+
+
+def _candidate_records(global_scored: list[Candidate], later: list[Candidate], max_recorded: int) -> list[dict]:
+    """JSON records of every scored candidate (poses for the ``max_recorded`` best global ones and all later)."""
     ranked = sorted(global_scored, key=lambda c: -c.score)
-    top_ids = {id(c) for c in ranked[: int(options["max_recorded_candidates"])]}
+    top_ids = {id(c) for c in ranked[:max_recorded]}
     records = [c.record(with_pose=id(c) in top_ids) for c in global_scored]
-    records += [c.record(with_pose=True) for c in local + finals]
+    return records + [c.record(with_pose=True) for c in later]
+
+
+def _search_details(run: _Run, scale: float, best: Candidate, n_candidates: int, global_scored: list[Candidate],
+                    coarse: Scorer, fine: Scorer) -> dict:
+    """The ``details`` block of report.json for the search."""
+    ranked = sorted(global_scored, key=lambda c: -c.score)
     second = [c for c in ranked[1:] if c is not ranked[0]]
-    details = {
+    return {
         "description": "global rigid search (flips, principal axes, rotation grid, sliding for partial field "
                        "of view) scored by overlap-weighted mutual information, then local and MI refinement",
-        "options": options,
+        "options": run.options,
         "object_scale": round(scale, 4),
         "chosen": best.record(with_pose=True),
         "chosen_stage": best.stage,
-        "global_candidates": len(cands), "global_scored": scored,
+        "global_candidates": n_candidates, "global_scored": len(global_scored),
         "evaluations": {"coarse": coarse.evaluations, "fine": fine.evaluations},
         "best_global_score": round(float(ranked[0].score), 5) if ranked else None,
         "second_global_score": round(float(second[0].score), 5) if second else None,
-        "levels": {"fixed_fine": fixed_fine.info, "moving_fine": moving_fine.info,
-                   "fixed_coarse": fixed_coarse.info, "moving_coarse": moving_coarse.info},
-        "timings_s": timings, "budget_s": options["budget_s"],
+        "levels": {"fixed_fine": fine.fixed.info, "moving_fine": fine.moving.info,
+                   "fixed_coarse": coarse.fixed.info, "moving_coarse": coarse.moving.info},
+        "timings_s": run.timings, "budget_s": run.options["budget_s"],
         "convention": "fixed->moving, physical LPS mm",
     }
-    progress.report("prealign", 0.3, f"search: done in {total:.1f} s (score {best.score:.3f})")
-    return PrealignResult("search", transform, details, warnings, records)

@@ -1,12 +1,12 @@
-"""Pre-alignments from headers and image moments: none, header, geometry (box centres), moments."""
+"""Pre-alignments from headers and image moments: ``none`` and ``header`` (identity: trust both headers),
+``geometry`` (translation between the image centres), ``moments`` (translation between the centres of mass of the
+foreground masks). Each transform maps fixed physical points to moving physical points (LPS mm)."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..geometry import image_space, transforms
 from ..geometry.masks import foreground_mask, mask_centroid_and_axes
-from .base import PrealignInputs, PrealignResult
+from .base import PrealignInputs, PrealignResult, rounded
 
 
 def prealign_none(inputs: PrealignInputs) -> PrealignResult:
@@ -25,8 +25,8 @@ def prealign_geometry(inputs: PrealignInputs) -> PrealignResult:
     offset = moving_center - fixed_center
     return PrealignResult("geometry", transforms.translation(offset), {
         "description": "translation between the image centres",
-        "fixed_center_mm": _round(fixed_center), "moving_center_mm": _round(moving_center),
-        "translation_mm": _round(offset),
+        "fixed_center_mm": rounded(fixed_center, 4), "moving_center_mm": rounded(moving_center, 4),
+        "translation_mm": rounded(offset, 4),
     })
 
 
@@ -50,12 +50,8 @@ def prealign_moments(inputs: PrealignInputs) -> PrealignResult:
             "centre-of-mass matching is biased; prefer --prealign search or anatomy")
     return PrealignResult("moments", transforms.translation(offset), {
         "description": "translation between the centres of mass of the foreground masks (Otsu)",
-        "fixed_centroid_mm": _round(fixed_centroid), "moving_centroid_mm": _round(moving_centroid),
+        "fixed_centroid_mm": rounded(fixed_centroid, 4), "moving_centroid_mm": rounded(moving_centroid, 4),
         "fixed_foreground_volume_ml": round(fixed_volume / 1000, 2),
         "moving_foreground_volume_ml": round(moving_volume / 1000, 2),
-        "translation_mm": _round(offset),
+        "translation_mm": rounded(offset, 4),
     }, warnings)
-
-
-def _round(values) -> list[float]:
-    return [round(float(v), 4) for v in np.asarray(values).ravel()]

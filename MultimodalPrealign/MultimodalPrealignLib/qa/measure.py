@@ -1,28 +1,32 @@
-"""Proof of the result: metrics before/after, verdict, pictures, report.html, and fallback decisions.
+"""Measure a result: the ``report["metrics"]`` block (:func:`evaluate`).
 
-The pipeline calls :func:`evaluate` (the ``report["metrics"]`` block), then :func:`finish_report` (verdict +
-pictures + report.html), and asks :func:`should_fall_back` whether to try the next attempt from
-:func:`fallback_plan`. Every transform maps FIXED physical points to MOVING physical points (LPS mm):
-``before`` is the pre-alignment alone, ``after`` the final (pre-alignment + registration) transform.
+Image similarity and overlap before and after (:mod:`.metrics`, on coarse working copies), structure Dice and
+centroid distances with label maps, landmark TRE, the Jacobian of a deformable result, the determinant and
+scales of the linear part, and the probes: small shifts and half-turns of the result that should not score
+better than it. Every transform maps FIXED physical points to MOVING physical points (LPS mm): ``before`` is
+the pre-alignment alone, ``after`` the final (pre-alignment + registration) transform. Judging the numbers is
+:mod:`.verdict`'s job.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import transforms as tx
-from ..geometry.image_space import grid_points, inside_image
+from ..geometry.image_space import grid_points, index_to_physical_points, inside_image
+from ..geometry.masks import foreground_mask
 from ..geometry.resample import coarse_copy
 from ..geometry.transforms import transform_points
 from ..io.landmarks import LandmarkPairs, target_registration_error
 from .metrics import (
     alignment_metrics,
     jacobian_statistics,
+    mask_inside_moving,
     mutual_information,
     overlap_mask,
     structure_metrics,
@@ -51,11 +55,11 @@ def transform_check(transform: sitk.Transform) -> dict | None:
 
 
 def _centroid_mm(reference: sitk.Image, mask: np.ndarray) -> np.ndarray | None:
+    """Centroid (LPS mm) of the voxels set in ``mask`` (an array on ``reference``'s grid); None below 10 voxels."""
     idx = np.argwhere(mask)[:, ::-1].astype(float)
     if idx.shape[0] < 10:
         return None
-    a = np.asarray(reference.GetDirection()).reshape(3, 3) @ np.diag(reference.GetSpacing())
-    return idx.mean(0) @ a.T + np.asarray(reference.GetOrigin())
+    return index_to_physical_points(reference, idx.mean(0))
 
 
 def turn_centre(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> np.ndarray:
@@ -66,13 +70,10 @@ def turn_centre(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Tra
     candidate differs from the result in orientation, not in where the object lands. Falls back to the centre
     of the overlap when a mask is empty.
     """
-    from ..geometry.masks import foreground_mask
-    from .metrics import _mask_inside_moving
-
     fixed_mask = sitk.GetArrayFromImage(foreground_mask(fixed, working_spacing_mm=None)) > 0
     moving_mask = foreground_mask(moving, working_spacing_mm=None)
     warped = sitk.Resample(moving_mask, fixed, fixed_to_moving, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    inside = _mask_inside_moving(fixed, moving, fixed_to_moving)
+    inside = mask_inside_moving(fixed, moving, fixed_to_moving)
     fixed_centre = _centroid_mm(fixed, fixed_mask & inside)
     moving_centre = _centroid_mm(fixed, sitk.GetArrayFromImage(warped) > 0)
     if fixed_centre is None or moving_centre is None:

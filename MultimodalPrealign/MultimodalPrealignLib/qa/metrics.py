@@ -7,17 +7,17 @@ convention). Metrics:
 - :func:`structure_metrics`: per-structure Dice and centroid distance of corresponding label-map structures
   (moving labels warped onto the fixed grid with nearest neighbour).
 - :func:`jacobian_statistics`: Jacobian determinant statistics (min, max, % folding voxels) of a transform.
-- Landmark target registration error lives in :mod:`.landmarks`.
+- Landmark target registration error lives in :mod:`..io.landmarks`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..geometry.image_space import bounding_box, overlap_fractions
+from ..geometry.image_space import bounding_box, direction_matrix, index_to_physical_points, overlap_fractions
 from ..geometry.resample import grid_for_box, make_reference, resample_onto
 from ..resource_files import load_resource_json
 
@@ -111,8 +111,7 @@ def label_evaluation_grid(fixed_labels: sitk.Image, max_voxels: int = MAX_LABEL_
         return fixed_labels
     factor = (count / max_voxels) ** (1.0 / 3.0)
     spacing = [s * factor for s in fixed_labels.GetSpacing()]
-    grid = grid_for_box(bounding_box(fixed_labels), spacing,
-                        np.asarray(fixed_labels.GetDirection()).reshape(3, 3))
+    grid = grid_for_box(bounding_box(fixed_labels), spacing, direction_matrix(fixed_labels))
     reference = make_reference(grid, fixed_labels.GetPixelID())
     return sitk.Resample(fixed_labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                          fixed_labels.GetPixelID())
@@ -133,16 +132,15 @@ def _lookup(ids: Iterable[int], max_value: int) -> np.ndarray:
 
 
 def _physical_points_of(reference: sitk.Image, mask: np.ndarray) -> np.ndarray:
-    idx = np.argwhere(mask)[:, ::-1].astype(float)  # (x, y, z) index order
-    a = np.asarray(reference.GetDirection()).reshape(3, 3) @ np.diag(reference.GetSpacing())
-    return idx @ a.T + np.asarray(reference.GetOrigin())
+    """Physical points (LPS mm) of the voxels set in ``mask``, an array on ``reference``'s grid."""
+    return index_to_physical_points(reference, np.argwhere(mask)[:, ::-1].astype(float))
 
 
 def _extent_probe(image: sitk.Image) -> sitk.Image:
     """A 2x2x2 image of ones covering exactly ``image``'s voxel-edge extent (same direction)."""
     size = np.asarray(image.GetSize(), dtype=float)
     spacing = np.asarray(image.GetSpacing(), dtype=float)
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    direction = direction_matrix(image)
     start = np.asarray(image.GetOrigin()) - direction @ (0.5 * spacing)
     new_spacing = size * spacing / 2.0
     probe = sitk.Image([2, 2, 2], sitk.sitkUInt8) + 1
@@ -152,7 +150,7 @@ def _extent_probe(image: sitk.Image) -> sitk.Image:
     return probe
 
 
-def _mask_inside_moving(reference: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> np.ndarray:
+def mask_inside_moving(reference: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> np.ndarray:
     """Boolean array on ``reference``'s grid: voxels whose centre maps inside the moving image's extent."""
     inside = sitk.Resample(_extent_probe(moving), reference, fixed_to_moving, sitk.sitkNearestNeighbor, 0,
                            sitk.sitkUInt8)
@@ -175,7 +173,7 @@ def structure_metrics(fixed_labels: sitk.Image, moving_labels: sitk.Image, fixed
     reference = label_evaluation_grid(fixed_labels, max_voxels)
     fixed_array = sitk.GetArrayViewFromImage(reference)
     warped_array = sitk.GetArrayFromImage(warp_labels(moving_labels, reference, fixed_to_moving))
-    common = _mask_inside_moving(reference, moving_labels, fixed_to_moving)
+    common = mask_inside_moving(reference, moving_labels, fixed_to_moving)
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     max_fixed = int(fixed_array.max()) if fixed_array.size else 0
     max_moving = int(warped_array.max()) if warped_array.size else 0
@@ -249,8 +247,7 @@ def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image) -> si
 
     det(I + grad u) with u(x) = T(x) - x; > 1 local expansion, < 1 contraction, <= 0 folding.
     """
-    direction = np.asarray(reference.GetDirection()).reshape(3, 3)
-    if not np.allclose(direction, np.eye(3), atol=1e-6):
+    if not np.allclose(direction_matrix(reference), np.eye(3), atol=1e-6):
         raise ValueError("jacobian_determinant needs an identity-direction reference grid (see jacobian_grid)")
     field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
                                               reference.GetOrigin(), reference.GetSpacing(),
@@ -291,7 +288,7 @@ def overlap_mask(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Tr
                  spacing_mm: float = 4.0) -> sitk.Image:
     """UInt8 mask on a coarse axis-aligned grid over ``fixed``: 1 where the point maps inside ``moving``."""
     reference = jacobian_grid(fixed, spacing_mm)
-    inside = _mask_inside_moving(reference, moving, fixed_to_moving)
+    inside = mask_inside_moving(reference, moving, fixed_to_moving)
     out = sitk.GetImageFromArray(inside.astype(np.uint8))
     out.CopyInformation(reference)
     return out

@@ -11,9 +11,9 @@ where the moving image lands.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,6 +23,7 @@ from scipy import ndimage
 from ..geometry.image_space import Box, bounding_box, grid_points, inside_image
 from ..geometry.resample import grid_for_box
 from ..geometry.transforms import transform_points
+from .metrics import pairs_by_id
 
 PLANES = ("axial", "coronal", "sagittal")
 #: (left, right, top, bottom) orientation letters of each plane as displayed.
@@ -286,13 +287,10 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
     label maps; ``pairs`` ((name, fixed_ids, moving_ids) triples) says which structures correspond (default:
     equal ids). Pictures are written atomically (temporary name, then rename).
     """
-    from .metrics import pairs_by_id
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = list(transforms)
-    anchor = transforms.get(reference_stage, transforms[stages[-1]])
-    grid = display_grid(fixed, moving, anchor)
+    grid = display_grid(fixed, moving, transforms.get(reference_stage, transforms[stages[-1]]))
     have_labels = fixed_labels is not None and moving_labels is not None
     if have_labels and pairs is None:
         pairs = pairs_by_id(fixed_labels, moving_labels)
@@ -303,7 +301,6 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
     if have_labels:
         table = _structure_lookup(pairs, True, int(sitk.GetArrayViewFromImage(fixed_labels).max()))
         fixed_structures = [table[sample_plane(fixed_labels, grid, p, labels=True)] for p in PLANES]
-    square_px = max(4, int(round(max(grid.box.size) / 8.0 / grid.spacing_mm)))
     written: dict[str, str] = {}
     moving_window = None
     for stage in stages:
@@ -312,17 +309,7 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
         if moving_window is None:  # same window for every stage (taken from the first stage with data)
             if any(np.isfinite(a).any() for a in moving_planes):
                 moving_window = window(moving_planes)
-        limits = moving_window or (0.0, 1.0)
-        moving01 = [_normalise(a, limits) for a in moving_planes]
-        valid = [np.isfinite(a) for a in moving_planes]
-        panels_by_kind: dict[str, list[np.ndarray]] = {}
-        if "fusion" in kinds:
-            panels_by_kind["fusion"] = [fusion(f, m, v) for f, m, v in zip(fixed01, moving01, valid)]
-        if "checkerboard" in kinds:
-            panels_by_kind["checkerboard"] = [checkerboard(f, m, v, square_px)
-                                              for f, m, v in zip(fixed01, moving01, valid)]
-        if "edges" in kinds:
-            panels_by_kind["edges"] = [edges(f, m, v) for f, m, v in zip(fixed01, moving01, valid)]
+        panels_by_kind = _image_panels(kinds, grid, fixed01, moving_planes, moving_window or (0.0, 1.0))
         if "outlines" in kinds and have_labels:
             table = _structure_lookup(pairs, False, int(sitk.GetArrayViewFromImage(moving_labels).max()))
             moving_structures = [table[sample_plane(moving_labels, grid, p, transform, labels=True)]
@@ -336,6 +323,22 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
                       out_dir / name)
             written[f"{kind}_{stage}"] = name
     return written
+
+
+def _image_panels(kinds: Sequence[str], grid: DisplayGrid, fixed01: list[np.ndarray],
+                  moving_planes: list[np.ndarray], moving_window: tuple[float, float]) -> dict[str, list[np.ndarray]]:
+    """{kind: three RGB panels} of the requested fusion, checkerboard and edges pictures (in that order)."""
+    moving01 = [_normalise(a, moving_window) for a in moving_planes]
+    valid = [np.isfinite(a) for a in moving_planes]
+    square_px = max(4, int(round(max(grid.box.size) / 8.0 / grid.spacing_mm)))
+    panels_by_kind: dict[str, list[np.ndarray]] = {}
+    if "fusion" in kinds:
+        panels_by_kind["fusion"] = [fusion(f, m, v) for f, m, v in zip(fixed01, moving01, valid)]
+    if "checkerboard" in kinds:
+        panels_by_kind["checkerboard"] = [checkerboard(f, m, v, square_px) for f, m, v in zip(fixed01, moving01, valid)]
+    if "edges" in kinds:
+        panels_by_kind["edges"] = [edges(f, m, v) for f, m, v in zip(fixed01, moving01, valid)]
+    return panels_by_kind
 
 
 def _save_png(image: Image.Image, path: Path) -> None:

@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from .pictures import KIND_TITLES, STAGE_TITLES
+from .verdict import checks as compute_checks
+from .verdict import judge
 
 #: Longer lists of records (e.g. thousands of scored search poses) are cut in the page; report.json has them all.
 MAX_TABLE_ROWS = 15
@@ -35,8 +38,10 @@ table{border-collapse:collapse;margin:6px 0 12px;font-size:13px} td,th{border:1p
 text-align:left;vertical-align:top} th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .PASS{color:#1b7f3b;font-weight:600} .WARN{color:#8a5a00;font-weight:600} .FAIL{color:#b3261e;font-weight:600}
 .better{color:#1b7f3b} .worse{color:#b3261e}
-figure{margin:4px 0 12px} .pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:14px} figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:13px;color:#444}
-details{margin:6px 0} summary{cursor:pointer;padding:3px 0} pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:600px}
+figure{margin:4px 0 12px} .pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:14px} \
+figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:13px;color:#444}
+details{margin:6px 0} summary{cursor:pointer;padding:3px 0} \
+pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:600px}
 """
 
 
@@ -103,8 +108,6 @@ def verdict_block(report: dict) -> str:
     verdict = report.get("verdict")
     reasons = report.get("verdict_reasons")
     if verdict is None:
-        from .verdict import judge
-
         verdict, reasons = judge(report)
     colour, background, advice = VERDICT_STYLE.get(verdict, VERDICT_STYLE["WARN"])
     items = "".join(f"<li>{_e(r)}</li>" for r in (reasons or []))
@@ -132,8 +135,6 @@ def fallback_block(report: dict) -> str:
 
 def pictures_block(pictures: dict, base: Path) -> str:
     """One row per kind of picture: BEFORE (pre-alignment only) on the left, AFTER registration on the right."""
-    from .pictures import KIND_TITLES, STAGE_TITLES
-
     if not pictures:
         return "<h2>Pictures</h2><p>No pictures were made (--no-report, or the images do not overlap).</p>"
     kinds = [k for k in KIND_TITLES if any(key.startswith(k + "_") for key in pictures)]
@@ -198,7 +199,8 @@ def structures_table(metrics: dict) -> str:
                     f"<td class='num'>{_fmt(row.get('dice'))}</td><td class='num'>{_fmt(b.get('centroid_distance_mm'))}"
                     f"</td><td class='num'>{_fmt(row.get('centroid_distance_mm'))}</td>"
                     f"<td class='num'>{_fmt(row.get('fixed_volume_ml'))}</td>"
-                    f"<td class='num'>{_fmt(row.get('fraction_in_overlap'))}</td><td>{_e(row.get('note', ''))}</td></tr>")
+                    f"<td class='num'>{_fmt(row.get('fraction_in_overlap'))}</td>"
+                    f"<td>{_e(row.get('note', ''))}</td></tr>")
     summary = (block.get("after") or {}).get("summary", {})
     return ("<h3>Corresponding structures (label maps)</h3><p class='sub'>Dice: 1 = perfect overlap. Centroid "
             "distance: how far apart the centres of the same structure are (mm), measured inside the region both "
@@ -228,14 +230,13 @@ def landmarks_table(metrics: dict) -> str:
 def checks_table(report: dict) -> str:
     checks = report.get("qa_checks")
     if checks is None:
-        from .verdict import checks as compute_checks
-
         checks = compute_checks(report)
     if not checks:
         return ""
     rows = "".join(f"<tr><td>{_e(c['check'])}</td><td class='{_e(c['status'])}'>{_e(c['status'])}</td>"
                    f"<td>{_e(c['message'])}</td></tr>" for c in checks)
-    return f"<h3>Checks behind the verdict</h3><table><tr><th>check</th><th>result</th><th>finding</th></tr>{rows}</table>"
+    return ("<h3>Checks behind the verdict</h3><table><tr><th>check</th><th>result</th><th>finding</th></tr>"
+            f"{rows}</table>")
 
 
 def metrics_block(report: dict) -> str:
@@ -308,7 +309,8 @@ def render_html(report: dict, pictures: dict | None = None, base: str | os.PathL
     """The whole page as a string (pictures read from ``base`` when their paths are relative)."""
     base = Path(base)
     inputs = report.get("inputs") or {}
-    created = report.get("created_utc") or report.get("created") or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = (report.get("created_utc") or report.get("created")
+               or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     subtitle = " | ".join([f"fixed: {_input_name(inputs.get('fixed'))}", f"moving: {_input_name(inputs.get('moving'))}",
                            str(created), f"MultimodalPrealign {report.get('version', __version__)}"])
     sections = [

@@ -1,11 +1,16 @@
-"""Judge a measured report, write its pictures and report.html; ``--report-only`` for a given transform."""
+"""Finish a report: judge its metrics (verdict), write the pictures and report.html; and ``--report-only``,
+which measures and judges a given transform without registering.
+
+``before`` is the pre-alignment, ``after`` the final transform; both map fixed physical points to moving
+physical points (LPS mm).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import SimpleITK as sitk
 

@@ -1,12 +1,12 @@
-"""The verdict, metrics and checks as a table of strings (Slicer table node, CSV)."""
+"""The verdict, metrics and checks of a report as a table of strings (a Slicer table node, CSV).
+
+Reads report.json's ``verdict``, ``metrics`` (before = pre-alignment, after = registration) and ``qa_checks``;
+no Slicer import here (the table node is passed in).
+"""
 
 from __future__ import annotations
 
-from .verdict import judge
-
-# ----------------------------------------------------------------------------------------------------------
-# The same numbers as a table (Slicer table node, CSV)
-# ----------------------------------------------------------------------------------------------------------
+from .verdict import checks, judge
 
 TABLE_COLUMNS = ("Measure", "After pre-alignment", "After registration", "Result")
 
@@ -52,9 +52,7 @@ def metrics_table(report: dict) -> tuple[tuple[str, ...], list[list[str]]]:
         rows.append(["Jacobian: min determinant", "", _cell(jac["min"]), ""])
     checks_done = report.get("qa_checks")
     if checks_done is None:
-        from .verdict import checks as compute_checks
-
-        checks_done = compute_checks(report)
+        checks_done = checks(report)
     for check in checks_done:
         rows.append([f"Check: {check['check']}", "", check["message"], check["status"]])
     return TABLE_COLUMNS, rows

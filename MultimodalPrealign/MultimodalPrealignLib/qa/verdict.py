@@ -1,6 +1,6 @@
 """The QA verdict: PASS / WARN / FAIL with reasons, from the metrics block of report.json.
 
-Reads ``report["metrics"]`` as written by :func:`qa.evaluate` (``before``/``after`` image similarity and
+Reads ``report["metrics"]`` as written by :func:`.measure.evaluate` (``before``/``after`` image similarity and
 overlap, optional ``structures``, ``landmarks``, ``jacobian``, ``transform``, ``probes``) and, if present,
 ``report["error"]``. Thresholds live in ``resources/verdict_thresholds.json`` (documented in docs/qa.md).
 Transforms behind the metrics map fixed physical points to moving physical points (LPS mm).
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EXIT_VERDICT_FAIL  # noqa: E402,F401 - 4: the run finished but the verdict is FAIL
+from ..errors import EXIT_VERDICT_FAIL  # 4: the run finished but the verdict is FAIL (also read from here)
 from ..resource_files import RESOURCES
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
@@ -195,7 +195,8 @@ def check_transform(metrics: dict, t: dict) -> list[dict]:
         change = "stretches" if worst > 1 else "compresses"
         return [_check("transform", WARN, f"the transform {change} the image by {abs(worst - 1) * 100:.0f}% along "
                                           "one direction (unexpected for one patient; check voxel sizes in the "
-                                          f"headers, or use rigid only); scales {', '.join(f'{s:.3f}' for s in scales)}")]
+                                          "headers, or use rigid only); scales "
+                                          f"{', '.join(f'{s:.3f}' for s in scales)}")]
     return [_check("transform", PASS, f"proper rotation, sizes kept (determinant {det:.3f})")]
 
 
@@ -220,8 +221,8 @@ def check_probes(metrics: dict, t: dict) -> list[dict]:
         gain = float(turn["relative_gain"])
         text = f"turning the result by {turn['name']} changes NMI by {gain * 100:+.1f}% of NMI-1"
         if gain > limits["fail_turn_relative_gain"]:
-            checks.append(_check("probe_turn", FAIL, f"a 180-degree turn of the result fits clearly better, so it may be upside "
-                                                   f"down or reversed: {text}"))
+            checks.append(_check("probe_turn", FAIL, "a 180-degree turn of the result fits clearly better, so it may "
+                                                   f"be upside down or reversed: {text}"))
         elif gain > limits["warn_turn_relative_gain"]:
             checks.append(_check("probe_turn", WARN, f"a 180-degree turn fits about as well: {text}"))
         else:
@@ -273,9 +274,3 @@ def apply_verdict(report: dict, thresholds: dict | None = None) -> str:
     report["qa_checks"] = checks(report, thresholds)
     return verdict
 
-
-def evaluate(*args, **kwargs) -> dict:
-    """Alias of :func:`qa.evaluate` (the full metrics block the pipeline stores as ``report["metrics"]``)."""
-    from .measure import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)

@@ -1,1 +1,2 @@
-"""Synthetic phantoms with exact transforms, for the demo, the tests and the benchmarks (not a pipeline stage)."""
+"""Synthetic phantoms with exact transforms (fixed->moving, physical LPS mm), for the demo, the tests and the
+benchmarks (not a pipeline stage)."""

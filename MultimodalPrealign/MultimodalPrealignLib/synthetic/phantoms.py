@@ -32,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import transforms
-from ..geometry.image_space import Box, inside_image
+from ..geometry.image_space import Box, index_to_physical_points, inside_image, physical_corners
 from ..geometry.resample import grid_for_box
 from ..io.modality import totalsegmentator_task
 from ..resource_files import load_resource_json
@@ -47,7 +47,8 @@ CT_PADDING_HU = -1024.0
 # --------------------------------------------------------------------------------------------- resources
 @cache
 def totalsegmentator_classes() -> dict:
-    """{task: {class id (int): name}} from ``resources/totalsegmentator_classes.json`` (TotalSegmentator, Apache-2.0)."""
+    """{task: {class id (int): name}} from ``resources/totalsegmentator_classes.json`` (TotalSegmentator,
+    Apache-2.0)."""
     data = load_resource_json("totalsegmentator_classes.json")
     return {task: {int(k): v for k, v in names.items()} for task, names in data["tasks"].items()}
 
@@ -569,13 +570,10 @@ def body_points(pair_or_image_mask, n: int = 2000, seed: int = 0, overlap_only: 
     if len(idx) == 0:
         raise ValueError("empty mask")
     pick = idx[rng.choice(len(idx), size=min(n, len(idx)), replace=False)].astype(float)
-    a = np.asarray(mask.GetDirection(), float).reshape(3, 3) @ np.diag(mask.GetSpacing())
-    return pick @ a.T + np.asarray(mask.GetOrigin(), float)
+    return index_to_physical_points(mask, pick)
 
 
 def _physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    from ..geometry.image_space import physical_corners
-
     corners = physical_corners(image)
     return corners.min(0), corners.max(0)
 
@@ -585,5 +583,4 @@ def structure_centroid(labels: sitk.Image, class_id: int) -> np.ndarray | None:
     idx = np.argwhere(sitk.GetArrayViewFromImage(labels) == class_id)[:, ::-1]
     if len(idx) == 0:
         return None
-    a = np.asarray(labels.GetDirection(), float).reshape(3, 3) @ np.diag(labels.GetSpacing())
-    return idx.mean(0) @ a.T + np.asarray(labels.GetOrigin(), float)
+    return index_to_physical_points(labels, idx.mean(0))
