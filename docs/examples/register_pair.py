@@ -5,7 +5,8 @@
 
 Writes ``transform.h5`` (fixed->moving, ITK/LPS: load it in Slicer and put the moving volume under
 it), ``moving_resampled.nrrd`` and ``report.json`` (same content as the CLI's) into ``--out``.
-Exit codes: 0 success (verdict PASS or WARN), 4 verdict FAIL, 2 bad input (the message says the fix), 3 registration failed, 1 unexpected.
+Exit codes: 0 success (verdict PASS or WARN), 4 verdict FAIL, 2 bad input (the message says the fix),
+3 registration failed, 1 unexpected.
 Slicer does not exit by itself after a script: this one always ends with ``sys.exit``.
 """
 
