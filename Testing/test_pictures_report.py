@@ -4,10 +4,8 @@ is opened in headless Chromium when it is installed (Debian package `chromium`) 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +15,6 @@ from PIL import Image
 from MultimodalPrealignLib.geometry import transforms
 from MultimodalPrealignLib.qa import measure, metrics, pictures, report_html, reporting, tables
 from MultimodalPrealignLib.synthetic import phantoms
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _blob_image() -> sitk.Image:
@@ -146,16 +142,10 @@ def test_fail_report_shows_reasons_first(tmp_path):
     assert text.index("mirrors the image") < text.index("<h2>Measurements")
 
 
-def _screenshot_module():
-    spec = importlib.util.spec_from_file_location("report_screenshot", REPO / "benchmarks" / "report_screenshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     """Opens report.html the way a user would (headless Chromium) and checks every picture decoded."""
-    shot = _screenshot_module()
+    import report_helpers as shot
+
     chromium = shot.find_chromium()
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")

@@ -1,12 +1,11 @@
 """INTEGRATION (QA on real pipeline output): run the `multimodal-prealign register` CLI on a synthetic phantom
 pair written to disk, then build the QA block, pictures and report.html from its transform.h5/report.json
-exactly as benchmarks/report_screenshot.py --run-dir does. Covers qa/metrics/pictures/report_html/verdict on
-what the pipeline really writes; it does NOT test that the CLI itself writes report.html or sets the exit
-code from the verdict (that wiring lives in pipeline.py/cli.py)."""
+with report_helpers.qa_report_from_run (what `report_screenshot.py --run-dir` does). Covers
+qa/metrics/pictures/report_html/verdict on what the pipeline really writes; it does NOT test that the CLI
+itself writes report.html or sets the exit code from the verdict (that wiring lives in pipeline.py/cli.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,18 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from report_helpers import qa_report_from_run
 
 from MultimodalPrealignLib.geometry import transforms
 from MultimodalPrealignLib.synthetic import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("report_screenshot", REPO / "benchmarks" / "report_screenshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_qa_report_on_cli_output(tmp_path):
@@ -42,7 +35,7 @@ def test_qa_report_on_cli_output(tmp_path):
     result = transforms.read_transform(out / "transform.h5")
     points = phantoms.body_points(pair, 300)
     assert transforms.mean_point_error(result, pair.fixed_to_moving, points) < 2.0  # the run really worked
-    html = _benchmark_module().qa_report_from_run(out, tmp_path / "fixed.nrrd", tmp_path / "moving.nrrd")
+    html = qa_report_from_run(out, tmp_path / "fixed.nrrd", tmp_path / "moving.nrrd")
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "PASS", report["verdict_reasons"]
     assert report["metrics"]["after"]["nmi"] > report["metrics"]["before"]["nmi"]

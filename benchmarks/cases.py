@@ -1,6 +1,7 @@
-"""Benchmark cases with EXACT known transforms (fixed physical LPS mm -> moving physical LPS mm).
+"""Benchmark cases with EXACT known transforms (fixed physical LPS mm -> moving physical LPS mm): the one case
+generator of ``benchmarks/run.py``.
 
-Families:
+Families (``FAMILIES``: name -> :class:`Family`, the case maker plus its table title and default methods):
 
 * ``synthetic``: ``phantoms.make_pair`` CT-like torso (fixed, TotalSegmentator ``total`` labels) and an
   MR-like T1/T2 image (moving, ``total_mr`` labels) with anisotropic spacing (1.2 x 1.2 x 4-6 mm), bias
@@ -10,22 +11,38 @@ Families:
 * ``phantom``: the real MRI-DIR phantom pair (CT fixed, T2 MR moving). The MR header is rewritten by a
   random rigid perturbation P (pixels untouched: origin -> P(origin), direction -> R_P direction), a third
   with an extra 180 degree flip, half cropped to 40-70% of the MR slices. Truth = P o reference, with the
-  reference rigid transform ``benchmarks/reference/phantom_ct_to_mr_reference.tfm`` (made by the search
-  helper's ``make_phantom_reference.py``; this suite does not make its own).
+  reference rigid transform ``benchmarks/reference/phantom_ct_to_mr_reference.tfm`` (made by
+  ``benchmarks/reference/make_phantom_reference.py``; this suite does not make its own).
 * ``microct``: a microCT-like image (400^3 voxels at 0.1 mm, 10x scaled-down torso phantom) against an
   MR-like image of the same object at 0.5 x 0.5 x 3 mm (a 10-30x voxel size difference), random rigid
   offset (0-20 degrees, 0-10 mm).
+* ``slab``: the search study's thin slabs (docs/search.md, "Synthetic partial field of view"): CT-like torso
+  at 2 mm, MR-like slab at 1.5 x 1.5 x 4 mm covering 20-40% of the torso length, rotation 0-30 degrees,
+  translation 0-250 mm, every third case flipped head/feet, no label maps.
+* ``phantom-search``: the search study's phantom cases (docs/search.md, "Phantom pair, 50 random
+  perturbations"): the ``phantom`` idea drawn as that study drew it (one random stream for all cases, a
+  flip with probability 1/3, a crop to 35-70% of the slices with probability 1/2, object points from the
+  reference's own CT object mask).
+* ``anatomy``: the anatomy study (docs/anatomy.md, "Measured"): CT-like torso at 3 mm with ``total`` labels,
+  MR-like image with ``total_mr`` labels at 2.5 x 2.5 x 3-5 mm, rotation 0-40 degrees, translation 0-150 mm,
+  a flip in ~1/3, an MR slab of 30-50% in ~3/4 of the cases, partial volume (``supersample=2``). The methods
+  run with the case's own seed (``info["method_seed"]``), as that study did.
 
 Every case is written once into ``benchmarks/results/cache/`` (git-ignored) as uncompressed .mha plus a
 JSON file, so runner subprocesses read it without regenerating it. Error of a result: mean distance (mm)
-between where the true and the estimated transforms send points inside the object and inside both fields
-of view (``points``, fixed physical LPS mm).
+between where the true and the estimated transforms send points inside the object (for all families but
+``anatomy``: inside both fields of view; ``points``, fixed physical LPS mm).
+
+To add a family: write ``def knee_case(index: int, seed: int = 0) -> Case`` (cache folder, exact truth,
+scoring points) and add ``"knee": Family(knee_case, "title", methods=(...))`` to ``FAMILIES``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,14 +59,17 @@ from MultimodalPrealignLib.synthetic import phantoms
 DATA = REPO.parent / "shared" / "data" / "mridir-phantom"
 REFERENCE = REPO / "benchmarks" / "reference" / "phantom_ct_to_mr_reference.tfm"
 CACHE = REPO / "benchmarks" / "results" / "cache"
-FAMILIES = ("synthetic", "phantom", "microct")
 SUCCESS_MM = 2.5
 FLIPS = {"L": np.diag([1.0, -1.0, -1.0]), "P": np.diag([-1.0, 1.0, -1.0]), "S": np.diag([-1.0, -1.0, 1.0])}
 
 
 @dataclass
 class Case:
-    """One benchmark case on disk. ``truth``: 4x4 fixed->moving (LPS mm). Paths are absolute strings."""
+    """One benchmark case on disk. ``truth``: 4x4 fixed->moving (LPS mm). Paths are absolute strings.
+
+    ``info`` describes the case (printed with the rows); ``info["method_seed"]``, when present, is the seed the
+    methods run with on this case instead of the run's ``--seed``.
+    """
 
     family: str
     index: int
@@ -141,10 +161,10 @@ def synthetic_case(index: int, seed: int = 0) -> Case:
     info = {"rotation_deg": round(rotation, 2), "translation_mm": round(translation, 1), "flip": flip,
             "moving_fov": "slab" if slab else "full", "slab_fraction": round(fraction, 3) if slab else None,
             "moving_modality": modality, "moving_spacing_mm": [1.2, 1.2, round(z_spacing, 2)]}
-    case = Case("synthetic", index, _write(pair.fixed, folder / "fixed.mha"), _write(pair.moving, folder / "moving.mha"),
-                transforms.to_matrix(pair.fixed_to_moving).tolist(), str(folder / "points.npy"), info,
-                _write(pair.fixed_labels, folder / "fixed_labels.mha"), _write(pair.moving_labels, folder / "moving_labels.mha"),
-                pair.fixed_task, pair.moving_task)
+    case = Case("synthetic", index, _write(pair.fixed, folder / "fixed.mha"),
+                _write(pair.moving, folder / "moving.mha"), transforms.to_matrix(pair.fixed_to_moving).tolist(),
+                str(folder / "points.npy"), info, _write(pair.fixed_labels, folder / "fixed_labels.mha"),
+                _write(pair.moving_labels, folder / "moving_labels.mha"), pair.fixed_task, pair.moving_task)
     return _store(case, folder)
 
 
@@ -217,8 +237,9 @@ def phantom_case(index: int, seed: int = 0) -> Case:
     moved = points @ truth[:3, :3].T + truth[:3, 3]
     case_points = points[inside_image(moving, moved)]
     np.save(folder / "points.npy", case_points)
-    info = {"rotation_deg": round(angle, 2), "flip_about": flip, "translation_mm": round(float(np.linalg.norm(shift)), 1),
-            "crop": crop, "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
+    info = {"rotation_deg": round(angle, 2), "flip_about": flip,
+            "translation_mm": round(float(np.linalg.norm(shift)), 1), "crop": crop,
+            "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
     case = Case("phantom", index, str(DATA / "ct.nrrd"), _write(moving, folder / "moving.mha"), truth.tolist(),
                 str(folder / "points.npy"), info)
     return _store(case, folder)
@@ -265,9 +286,200 @@ def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
     return _store(case, folder)
 
 
+# ---------------------------------------------------------------------------------------------- slab
+def slab_case(index: int, seed: int = 0) -> Case:
+    """The search study's synthetic thin slab ``index`` (CT-like torso at 2 mm vs MR-like slab of 20-40%)."""
+    folder = CACHE / f"slab_s{seed}_{index:03d}"
+    cached = _cached(folder)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 1000)  # one stream for all cases: replay the draws of the cases before
+    for _ in range(index + 1):
+        fraction = float(rng.uniform(0.2, 0.4))
+        angle = float(rng.uniform(0, 30))
+        shift = float(rng.uniform(0, 250))
+    flip = index % 3 == 0
+    pair = phantoms.make_pair(seed=seed + 7919 * index, moving_fov="slab", slab_fraction=fraction,
+                              rotation_deg=angle, translation_mm=shift, flip=flip, labels=False,
+                              fixed_spacing=(2.0, 2.0, 2.0), moving_spacing=(1.5, 1.5, 4.0))
+    np.save(folder / "points.npy", phantoms.body_points(pair, n=2000, seed=index, overlap_only=True))
+    info = {"rotation_deg": round(angle, 2), "flip_about": "P" if flip else None, "translation_mm": round(shift, 1),
+            "slab_fraction": round(fraction, 3)}
+    case = Case("slab", index, _write(pair.fixed, folder / "fixed.mha"), _write(pair.moving, folder / "moving.mha"),
+                transforms.to_matrix(pair.fixed_to_moving).tolist(), str(folder / "points.npy"), info)
+    return _store(case, folder)
+
+
+# ---------------------------------------------------------------------------------------------- phantom-search
+def _search_study_rotation(axis, angle_deg: float) -> np.ndarray:
+    """Rotation matrix of ``angle_deg`` degrees about ``axis``, computed as the search study computed it."""
+    from MultimodalPrealignLib.prealign import search
+
+    return search.rotation_vector_matrix(np.asarray(axis, float) / np.linalg.norm(axis) * math.radians(angle_deg))
+
+
+def _search_study_draws(index: int, seed: int, n_slices: int) -> tuple[float, np.ndarray, str | None, float, dict]:
+    """(angle deg, rotation 3x3, flip axis, shift vector, crop) of case ``index``: one stream for all cases."""
+    rng = np.random.default_rng(seed)
+    for _ in range(index + 1):
+        angle = float(rng.uniform(0, 30))
+        r = _search_study_rotation(_unit(rng), angle)
+        flip = None
+        if rng.uniform() < 1 / 3:
+            flip = str(rng.choice(list(FLIPS)))
+            r = r @ FLIPS[flip]
+        shift = _unit(rng) * float(rng.uniform(0, 100))
+        crop = None
+        if rng.uniform() < 0.5:
+            keep = max(2, int(round(float(rng.uniform(0.35, 0.70)) * n_slices)))
+            start = int(rng.integers(0, n_slices - keep + 1))
+            crop = {"fraction": round(keep / n_slices, 3), "first_slice": start, "slices": keep}
+    return angle, r, flip, shift, crop
+
+
+def _search_study_base(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(CT object points from the reference's CT object mask, MR body centroid), cached per seed."""
+    folder = CACHE / f"phantom_search_base_s{seed}"
+    if (folder / "points.npy").exists():
+        return np.load(folder / "points.npy"), np.load(folder / "mr_centroid.npy")
+    sys.path.insert(0, str(REFERENCE.parent))
+    from make_phantom_reference import ct_body_mask
+
+    folder.mkdir(parents=True, exist_ok=True)
+    points = phantoms.body_points(ct_body_mask(sitk.ReadImage(str(DATA / "ct.nrrd"))), n=3000, seed=seed)
+    centroid = mask_centroid_and_axes(foreground_mask(sitk.ReadImage(str(DATA / "mr_t2.nrrd"))))[0]
+    np.save(folder / "points.npy", points)
+    np.save(folder / "mr_centroid.npy", centroid)
+    return points, centroid
+
+
+def phantom_search_case(index: int, seed: int = 0) -> Case:
+    """The search study's phantom case ``index``: MR header perturbed, possibly cropped; truth P o reference."""
+    from MultimodalPrealignLib.geometry.image_space import inside_image
+
+    folder = CACHE / f"phantom_search_s{seed}_{index:03d}_{_reference_key()}"
+    cached = _cached(folder)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    points, centroid = _search_study_base(seed)
+    mr = sitk.ReadImage(str(DATA / "mr_t2.nrrd"))
+    angle, r, flip, shift, crop = _search_study_draws(index, seed, mr.GetSize()[2])
+    p = np.eye(4)
+    p[:3, :3] = r
+    p[:3, 3] = centroid + shift - r @ centroid
+    moving = with_header_moved(mr, p)
+    if crop is not None:
+        moving = moving[:, :, crop["first_slice"]:crop["first_slice"] + crop["slices"]]
+    truth = p @ transforms.to_matrix(transforms.read_transform(REFERENCE))
+    # Scored where the (possibly cropped) MR shows the object: outside it a rigid fit to a slab extrapolates.
+    np.save(folder / "points.npy", points[inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])])
+    info = {"rotation_deg": round(angle, 2), "flip_about": flip,
+            "translation_mm": round(float(np.linalg.norm(shift)), 1), "crop": crop,
+            "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
+    case = Case("phantom-search", index, str(DATA / "ct.nrrd"), _write(moving, folder / "moving.mha"),
+                truth.tolist(), str(folder / "points.npy"), info)
+    return _store(case, folder)
+
+
+# ---------------------------------------------------------------------------------------------- anatomy
+def anatomy_case(index: int, seed: int = 0) -> Case:
+    """The anatomy study's case ``index``: torso with labels, random pose, MR slab in ~3/4 of the cases."""
+    case_seed = 1000 * (seed + 1) + index  # the study's seed of the phantom and of every method run on it
+    folder = CACHE / f"anatomy_s{seed}_{index:03d}"
+    cached = _cached(folder)
+    if cached is not None:
+        return cached
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(case_seed)
+    rotation = float(rng.uniform(0.0, 40.0))
+    translation = float(rng.uniform(0.0, 150.0))
+    flip = bool(rng.random() < 1 / 3)
+    fov = "slab" if rng.random() < 0.75 else "full"
+    fraction = float(rng.uniform(0.3, 0.5))
+    moving_spacing = (2.5, 2.5, float(rng.choice([3.0, 4.0, 5.0])))
+    pair = phantoms.make_pair(seed=case_seed, rotation_deg=rotation, translation_mm=translation, flip=flip,
+                              moving_fov=fov, slab_fraction=fraction, fixed_spacing=(3.0, 3.0, 3.0),
+                              moving_spacing=moving_spacing, supersample=2)
+    np.save(folder / "points.npy", phantoms.body_points(pair, 2000, seed=case_seed))
+    info = {"rotation_deg": round(rotation, 2), "translation_mm": round(translation, 1), "flip": flip,
+            "moving_fov": fov, "slab_fraction": round(fraction, 3) if fov == "slab" else None,
+            "moving_spacing_mm": list(moving_spacing),
+            "moving_structures_cut": len(pair.description["moving_structures_touching_border"]),
+            "method_seed": case_seed}
+    case = Case("anatomy", index, _write(pair.fixed, folder / "fixed.mha"),
+                _write(pair.moving, folder / "moving.mha"), transforms.to_matrix(pair.fixed_to_moving).tolist(),
+                str(folder / "points.npy"), info, _write(pair.fixed_labels, folder / "fixed_labels.mha"),
+                _write(pair.moving_labels, folder / "moving_labels.mha"), pair.fixed_task, pair.moving_task)
+    return _store(case, folder)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Family:
+    """A case family: ``make(index, seed) -> Case`` and what ``benchmarks/run.py`` does with it.
+
+    ``methods`` / ``quick_methods``: the default method lists (``--quick`` uses the short one); ``in_all``: run by
+    ``--family all``; ``available``: False when the family's data is missing (the family is then skipped);
+    ``subgroups``: label -> predicate on ``Case.info``, for a success count per subgroup under the table.
+    """
+
+    make: Callable[[int, int], Case]
+    title: str
+    methods: tuple
+    quick_methods: tuple
+    in_all: bool = True
+    available: Callable[[], bool] = _always
+    subgroups: dict = field(default_factory=dict)
+
+
+_FLIP_CROP_SUBGROUPS = {
+    "no flip, full FOV": lambda info: not info.get("flip_about") and not info.get("crop"),
+    "extra flip, full FOV": lambda info: bool(info.get("flip_about")) and not info.get("crop"),
+    "no flip, MR cropped": lambda info: not info.get("flip_about") and bool(info.get("crop")),
+    "extra flip, MR cropped": lambda info: bool(info.get("flip_about")) and bool(info.get("crop")),
+}
+_SEARCH_STUDY_METHODS = ("ours-search-only", "ours-auto", "elastix-default-2mm", "brainsfit-default-2mm")
+
+FAMILIES: dict[str, Family] = {
+    "synthetic": Family(
+        synthetic_case,
+        "Synthetic CT torso (fixed) vs MR-like (moving): anisotropic, bias, noise, partial FOV, offsets, flips",
+        ("ours-auto", "ours-anatomy", "ours-moments", "ours-auto-elastix", "elastix-default", "brainsfit-default",
+         "forum-recipe", "ants", "greedy"),
+        ("ours-auto", "ours-anatomy", "elastix-default", "brainsfit-default")),
+    "phantom": Family(
+        phantom_case,
+        "Real phantom pair, MR header perturbed (rotation 0-30 deg, shift 0-100 mm, 1/3 flipped, 1/2 cropped)",
+        ("ours-auto", "ours-moments", "ours-auto-elastix", "elastix-default", "brainsfit-default", "forum-recipe",
+         "ants", "greedy"),
+        ("ours-auto", "elastix-default"), available=phantom_available, subgroups=_FLIP_CROP_SUBGROUPS),
+    "microct": Family(
+        microct_case,
+        "microCT-like 400^3 @ 0.1 mm (fixed) vs MR-like 0.5 x 0.5 x 3 mm (moving), same object",
+        ("ours-auto", "ours-geometry", "elastix-default", "brainsfit-default", "ants", "greedy"),
+        ("ours-auto", "elastix-default")),
+    "slab": Family(
+        slab_case, "Synthetic partial field of view (CT-like torso, MR-like slab 20-40%) (search study)",
+        _SEARCH_STUDY_METHODS, ("ours-search-only", "ours-auto"), in_all=False),
+    "phantom-search": Family(
+        phantom_search_case, "Phantom pair, random header perturbations (CT fixed, MR moving) (search study)",
+        _SEARCH_STUDY_METHODS, ("ours-search-only", "ours-auto"), in_all=False, available=phantom_available,
+        subgroups=_FLIP_CROP_SUBGROUPS),
+    "anatomy": Family(
+        anatomy_case, "Synthetic torso with label maps, random pose and MR slab (anatomy study)",
+        ("ours-anatomy-only", "ours-anatomy"), ("ours-anatomy-only",), in_all=False),
+}
+
+
 def make_cases(family: str, n: int, seed: int = 0, first: int = 0) -> list[Case]:
     """Cases ``first`` .. ``first + n - 1`` of ``family`` (generated once, then read from the cache)."""
-    maker = {"synthetic": synthetic_case, "phantom": phantom_case, "microct": microct_case}[family]
+    maker = FAMILIES[family].make
     return [maker(i, seed) for i in range(first, first + n)]
 
 

@@ -1,11 +1,17 @@
 """Run one (method, case) in its own process and measure wall time and peak memory (RSS).
 
 ``run_isolated`` starts ``python benchmarks/memory.py --worker REQUEST.json``; the worker loads the case, runs
-the method, and writes the estimated transform, its CPU time (user + system, case loading included), the method's
-wall time (images already in memory; ``ours-files``
-includes reading and writing files) and ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak
-resident set, imports and case loading included) to RESULT.json. ANTs / greedy run with the Python of their own
-environment (``--peer-python``), so their pins never touch the project's venv.
+the method, and writes the estimated transform (4x4 fixed->moving, LPS mm), its CPU time (user + system, case
+loading included), the method's wall time (images already in memory; ``ours-files`` includes reading and
+writing files) and ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set, imports and
+case loading included) to RESULT.json. ANTs / greedy run with the Python of their own environment
+(``--peer-python`` / ``MMP_PEER_PYTHON``), so their pins never touch the project's venv.
+
+Methods: ``OURS`` (``run_pipeline`` variants), ``PREALIGN_ONLY`` (one pre-alignment method alone, no
+registration), ``ours-files`` (``register_files``, the speed targets) and the peers of ``peers.py``
+(``<peer>-from-prealign``: the peer started from our pre-alignment, computed before its clock starts). A case
+whose ``info`` has ``method_seed`` runs with that seed; ``extra["options"]`` changes PipelineOptions fields of
+our pipeline methods.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ OURS = {
     "ours-anatomy": ("anatomy", "itk", True),
     "ours-auto-elastix": ("auto", "elastix", False),
 }
+#: One pre-alignment method alone (what the search and anatomy studies measured): method name -> prealign method.
+PREALIGN_ONLY = {"ours-search-only": "search", "ours-anatomy-only": "anatomy"}
 EXTERNAL = ("ants", "greedy")
 
 
@@ -75,40 +83,74 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _read_labels(case: dict):
+    """(fixed, moving) label maps of a case as UInt16, or an error when the case has none."""
+    import SimpleITK as sitk
+
+    if not case.get("fixed_labels"):
+        raise RuntimeError("this case has no label maps")
+    return (sitk.Cast(sitk.ReadImage(case["fixed_labels"]), sitk.sitkUInt16),
+            sitk.Cast(sitk.ReadImage(case["moving_labels"]), sitk.sitkUInt16))
+
+
+def _run_prealign_only(method: str, case: dict, seed: int):
+    """``search.prealign`` / ``anatomy.prealign`` alone on the images as read (no registration)."""
+    import SimpleITK as sitk
+
+    from MultimodalPrealignLib.geometry import transforms
+    from MultimodalPrealignLib.prealign import PrealignInputs, anatomy, search
+
+    fixed = sitk.ReadImage(case["fixed"])
+    moving = sitk.ReadImage(case["moving"])
+    started = time.perf_counter()
+    if PREALIGN_ONLY[method] == "search":
+        result = search.prealign(PrealignInputs(fixed=fixed, moving=moving, seed=seed))
+        info = {"timings_s": result.details["timings_s"], "chosen": result.details["chosen"]["source"],
+                "score": result.details["chosen"]["score"], "warnings": result.warnings}
+    else:
+        fixed_labels, moving_labels = _read_labels(case)
+        result = anatomy.prealign(PrealignInputs(fixed, moving, fixed_labels, moving_labels, case["fixed_task"],
+                                                 case["moving_task"], seed=seed))
+        info = {"used": len(result.details["used"]), "rejected": len(result.details["rejected"]),
+                "type": result.details["transform_type"], "warnings": result.warnings}
+    return transforms.to_matrix(result.transform), time.perf_counter() - started, info
+
+
+def _pipeline_info(result) -> dict:
+    """Stage timings (s), the pre-alignment used, the engine's stages and the warnings of a pipeline run."""
+    stages = [{k: stage.get(k) for k in ("stage", "seconds", "iterations", "guard")} for stage in result.engine.stages]
+    return {"timings_s": result.report["timings_s"], "prealign": result.prealign.method, "stages": stages,
+            "warnings": result.warnings}
+
+
 def _run_ours(method: str, case: dict, seed: int, extra: dict):
     import SimpleITK as sitk
 
     from MultimodalPrealignLib import pipeline
     from MultimodalPrealignLib.geometry import transforms
 
+    if method in PREALIGN_ONLY:
+        return _run_prealign_only(method, case, seed)
     if method == "ours-files":
         options = pipeline.PipelineOptions.create(seed=seed, **extra.get("options", {}))
         with tempfile.TemporaryDirectory(prefix="bench_out_") as out:
             started = time.perf_counter()
             result = pipeline.register_files(case["fixed"], case["moving"], Path(out) / "run", options)
             seconds = time.perf_counter() - started
-        info = {"timings_s": result.report["timings_s"], "prealign": result.prealign.method,
-                "stages": [{k: s.get(k) for k in ("stage", "seconds", "iterations", "guard")} for s in result.engine.stages],
-                "warnings": result.warnings}
-        return transforms.to_matrix(result.transform), seconds, info
+        return transforms.to_matrix(result.transform), seconds, _pipeline_info(result)
     prealign_method, engine, labels = OURS[method]
     fixed = sitk.ReadImage(case["fixed"])
     moving = sitk.ReadImage(case["moving"])
     fixed_labels = moving_labels = None
-    options = pipeline.PipelineOptions.create(prealign=prealign_method, engine=engine, seed=seed)
+    options = pipeline.PipelineOptions.create(prealign=prealign_method, engine=engine, seed=seed,
+                                              **extra.get("options", {}))
     if labels:
-        if not case.get("fixed_labels"):
-            raise RuntimeError("this case has no label maps")
-        fixed_labels = sitk.Cast(sitk.ReadImage(case["fixed_labels"]), sitk.sitkUInt16)
-        moving_labels = sitk.Cast(sitk.ReadImage(case["moving_labels"]), sitk.sitkUInt16)
+        fixed_labels, moving_labels = _read_labels(case)
         options.fixed_labels_task, options.moving_labels_task = case["fixed_task"], case["moving_task"]
     started = time.perf_counter()
     result = pipeline.run_pipeline(fixed, moving, options, fixed_labels, moving_labels)
     seconds = time.perf_counter() - started
-    info = {"timings_s": result.report["timings_s"], "prealign": result.prealign.method,
-            "stages": [{k: s.get(k) for k in ("stage", "seconds", "iterations", "guard")} for s in result.engine.stages],
-            "warnings": result.warnings}
-    return transforms.to_matrix(result.transform), seconds, info
+    return transforms.to_matrix(result.transform), seconds, _pipeline_info(result)
 
 
 def _run_peer(method: str, case: dict, seed: int, extra: dict):
@@ -144,7 +186,8 @@ def _run_peer(method: str, case: dict, seed: int, extra: dict):
 
 def worker(request_path: str) -> int:
     request = json.loads(Path(request_path).read_text())
-    method, case, seed = request["method"], request["case"], request["seed"]
+    method, case = request["method"], request["case"]
+    seed = (case.get("info") or {}).get("method_seed", request["seed"])
     out = {"method": method, "case": f"{case['family']}-{case['index']:03d}", "matrix": None, "error": None,
            "seconds": None, "info": {}}
     cpu_start = _cpu_seconds()

@@ -14,8 +14,13 @@
   moving image's region (Crop Volume, after a centre alignment) and run BRAINSFit with samplingPercentage 1
   and 15000 iterations. To stay tractable on 2 cores the cropped volumes are resampled to about 2 mm
   isotropic (Crop Volume's spacing scale); every voxel is then sampled.
-* ``ants``: ANTsPy ``ants.registration(type_of_transform="Rigid")`` defaults (own venv, see docs/benchmarks.md).
+* ``ants``: ANTsPy ``ants.registration(type_of_transform="Rigid")`` defaults (own venv, see benchmarks/README.md).
 * ``greedy``: picsl-greedy, ``-a -dof 6 -ia-image-centers -m NMI -n 100x50x10`` (own venv).
+* ``elastix-default-2mm`` / ``brainsfit-default-2mm``: the two defaults as the search study ran them
+  (docs/search.md): on box-averaged ~2 mm copies of both images (full resolution would take 10x longer and
+  does not change their capture range). The BRAINSFit one starts from SimpleITK's geometry-centre
+  initialiser, stops at a gradient magnitude of 1e-5 and samples the share of the 2 mm copy that 0.002 gives
+  at full resolution.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import SimpleITK as sitk
 
 HERE = Path(__file__).resolve().parent
 ELASTIX_PRESET = HERE / "peers" / "SlicerElastix_Parameters_Rigid.txt"
-PEERS = ("elastix-default", "brainsfit-default", "forum-recipe", "ants", "greedy")
+PEERS = ("elastix-default", "brainsfit-default", "forum-recipe", "ants", "greedy", "elastix-default-2mm",
+         "brainsfit-default-2mm")
 
 
 def _matrix(transform: sitk.Transform) -> np.ndarray:
@@ -89,7 +95,8 @@ def run_elastix_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, in
             log = log_path.read_text(errors="replace") if log_path.exists() else ""
             raise RuntimeError(translate_elastix_log(log)) from None
     result = method.GetTransformParameterObject()
-    stage = elastix_map_to_sitk({k: list(v) for k, v in dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1)).items()})
+    last_map = dict(result.GetParameterMap(result.GetNumberOfParameterMaps() - 1))
+    stage = elastix_map_to_sitk({k: list(v) for k, v in last_map.items()})
     total = stage if initial is None else transforms.compose(_affine(initial), stage)
     return _matrix(total), {"initial": "given" if initial is not None else "automatic geometric centre"}
 
@@ -128,7 +135,8 @@ def run_brainsfit_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, 
 def _crop_volume(image: sitk.Image, box, spacing_mm: float) -> sitk.Image:
     from MultimodalPrealignLib.geometry.resample import resample_box
 
-    return resample_box(image, box, [spacing_mm] * 3, float(np.percentile(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4], 1)))
+    background = float(np.percentile(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4], 1))
+    return resample_box(image, box, [spacing_mm] * 3, background)
 
 
 def run_forum_recipe(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, initial: np.ndarray | None = None,
@@ -151,6 +159,47 @@ def run_forum_recipe(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, initi
     matrix, info = _brainsfit_rigid(fixed_crop, moving_crop, start, 1.0, 15000, seed)
     info["cropped_fixed_size"] = list(fixed_crop.GetSize())
     return matrix, info
+
+
+# ------------------------------------------------------------------------------------------------ on 2 mm copies
+def shrink_to(image: sitk.Image, target_mm: float) -> sitk.Image:
+    """Box-averaged float32 copy at about ``target_mm`` spacing (the search's integer shrink factors)."""
+    from MultimodalPrealignLib.prealign import search
+
+    factors = search.shrink_factors(image.GetSpacing(), target_mm)
+    return sitk.Cast(sitk.BinShrink(image, factors) if max(factors) > 1 else image, sitk.sitkFloat32)
+
+
+def run_elastix_default_2mm(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, initial: np.ndarray | None = None):
+    """SlicerElastix's default rigid registration on ~2 mm copies (automatic initialisation only)."""
+    if initial is not None:
+        raise ValueError("elastix-default-2mm takes no initial transform")
+    return run_elastix_default(shrink_to(fixed, 2.0), shrink_to(moving, 2.0), seed)
+
+
+def run_brainsfit_default_2mm(fixed: sitk.Image, moving: sitk.Image, seed: int = 0,
+                              initial: np.ndarray | None = None):
+    """BRAINSFit's defaults on ~2 mm copies, sampling what 0.002 gives at full resolution (search study)."""
+    if initial is not None:
+        raise ValueError("brainsfit-default-2mm takes no initial transform")
+    fixed_small = shrink_to(fixed, 2.0)
+    moving_small = shrink_to(moving, 2.0)
+    full_voxels = float(np.prod(fixed.GetSize()))
+    work_voxels = float(np.prod(fixed_small.GetSize()))
+    sampling = float(min(1.0, 0.002 * full_voxels / work_voxels))
+    start = sitk.CenteredTransformInitializer(fixed_small, moving_small, sitk.VersorRigid3DTransform(),
+                                              sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(50)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(sampling, seed + 1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=0.05, minStep=0.001, numberOfIterations=1500,
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-5)
+    method.SetOptimizerScales([1.0, 1.0, 1.0, 1e-3, 1e-3, 1e-3])  # BRAINSFit translationScale 1000
+    method.SetInitialTransform(start, inPlace=True)
+    method.Execute(fixed_small, moving_small)
+    return _matrix(start), {"sampling_percentage_on_2mm_copy": round(sampling, 4)}
 
 
 # ------------------------------------------------------------------------------------------------ ANTs, greedy
@@ -213,7 +262,8 @@ def run_greedy(fixed_path: str, moving_path: str, seed: int = 0, initial: np.nda
 
 def peer_runner(name: str):
     return {"elastix-default": run_elastix_default, "brainsfit-default": run_brainsfit_default,
-            "forum-recipe": run_forum_recipe, "ants": run_ants, "greedy": run_greedy}[name]
+            "forum-recipe": run_forum_recipe, "ants": run_ants, "greedy": run_greedy,
+            "elastix-default-2mm": run_elastix_default_2mm, "brainsfit-default-2mm": run_brainsfit_default_2mm}[name]
 
 
 def timed(function, *args, **kwargs):
@@ -223,4 +273,5 @@ def timed(function, *args, **kwargs):
 
 
 __all__ = ["PEERS", "peer_runner", "run_elastix_default", "run_brainsfit_default", "run_forum_recipe", "run_ants",
-           "run_greedy", "geometry_center_initial", "timed", "math"]
+           "run_greedy", "run_elastix_default_2mm", "run_brainsfit_default_2mm", "shrink_to",
+           "geometry_center_initial", "timed", "math"]

@@ -1,14 +1,17 @@
-"""Benchmark suite: our pipeline and its peers, side by side, on cases with known transforms (docs/benchmarks.md).
+"""Benchmark harness: our pipeline and its peers, side by side, on cases with known transforms (benchmarks/README.md).
 
-    python benchmarks/run.py --quick                      # smoke run: 1 case per family, fewer methods
+    python benchmarks/run.py --quick --family synthetic   # smoke run: 1 case, fewer methods
     python benchmarks/run.py --family synthetic --cases 6
+    python benchmarks/run.py --family slab --cases 50     # the search study (docs/search.md)
     python benchmarks/run.py --family targets             # speed / memory targets of issue 8
 
-Prints one markdown table per case family: success rate (mean error <= 2.5 mm over points inside the object),
-median and 95th-percentile error, median wall time, peak memory (RSS, max over runs). Every (method, case) runs
-in its own process (benchmarks/memory.py). Results (all rows, JSON, and the tables, markdown) go to
-benchmarks/results/ (git-ignored). ANTs and greedy run with ``--peer-python`` (default /work/bench-venv/bin/python)
-when that Python can import them; they are listed as "not installed" otherwise.
+Prints one markdown table per case family (``benchmarks/cases.py``, ``FAMILIES``): success rate (mean error
+<= 2.5 mm over points inside the object), median and 95th-percentile error, median wall and CPU time, peak
+memory (RSS, max over runs), and a success count per subgroup where the family defines subgroups. Every
+(method, case) runs in its own process (``benchmarks/memory.py``). Results (all rows, JSON, and the tables,
+markdown, with the date and machine line) go to ``benchmarks/results/`` (git-ignored). ANTs and greedy run with
+the Python given by ``--peer-python``, else ``$MMP_PEER_PYTHON``, else this Python; they are listed as
+"not installed" when that Python cannot import them.
 """
 
 from __future__ import annotations
@@ -32,17 +35,8 @@ import cases
 import memory
 
 RESULTS = HERE / "results"
-DEFAULT_PEER_PYTHON = "/work/bench-venv/bin/python"
-METHODS = {
-    "synthetic": ["ours-auto", "ours-anatomy", "ours-moments", "ours-auto-elastix", "elastix-default",
-                  "brainsfit-default", "forum-recipe", "ants", "greedy"],
-    "phantom": ["ours-auto", "ours-moments", "ours-auto-elastix", "elastix-default", "brainsfit-default",
-                "forum-recipe", "ants", "greedy"],
-    "microct": ["ours-auto", "ours-geometry", "elastix-default", "brainsfit-default", "ants", "greedy"],
-}
-QUICK_METHODS = {"synthetic": ["ours-auto", "ours-anatomy", "elastix-default", "brainsfit-default"],
-                 "phantom": ["ours-auto", "elastix-default"],
-                 "microct": ["ours-auto", "elastix-default"]}
+PEER_PYTHON_ENV = "MMP_PEER_PYTHON"
+PEER_MODULES = {"ants": "ants", "greedy": "picsl_greedy"}
 
 
 def peer_python_has(python: str, module: str) -> bool:
@@ -52,39 +46,67 @@ def peer_python_has(python: str, module: str) -> bool:
     return done.returncode == 0
 
 
+def peer_python(given: str | None) -> str:
+    """The Python that runs ANTs / greedy: ``--peer-python``, else ``$MMP_PEER_PYTHON``, else this Python."""
+    return given or os.environ.get(PEER_PYTHON_ENV) or sys.executable
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("SimpleITK", "itk-elastix", "numpy"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
 def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
+    memory_gib = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory_gib = int(line.split()[1]) / 1024.0**2
+                break
     except OSError:
         pass
     load = os.getloadavg()
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, load average at start "
-            f"{load[0]:.1f}")
+    memory_text = f", {memory_gib:.0f} GiB" if memory_gib else ""
+    return (f"{os.cpu_count()} cores ({cpu}){memory_text}, Python {platform.python_version()}, {_versions()}, "
+            f"load average at start {load[0]:.1f}")
 
 
 # ------------------------------------------------------------------------------------------------ families
-def run_family(family: str, n: int, methods: list[str], seed: int, peer_python: str, timeout_s: float, log,
-               first: int = 0) -> list[dict]:
+def run_family(family: str, n: int, methods: list[str], seed: int, python: str, timeout_s: float, log,
+               first: int = 0, limits: dict | None = None, extra: dict | None = None) -> list[dict]:
+    """Every method on cases ``first`` .. ``first + n - 1``; ``limits`` {method: k} runs a method on cases < k
+    only; ``extra`` goes to every worker (e.g. {"options": {...}}: PipelineOptions fields of our methods)."""
+    limits = limits or {}
     rows = []
     for case in cases.make_cases(family, n, seed, first):
         truth = np.asarray(case.truth, float)
         points = np.load(case.points)
         for method in methods:
-            python = peer_python if method in memory.EXTERNAL else None
-            result = memory.run_isolated(method, case.to_json(), seed, python, timeout_s)
+            if case.index >= limits.get(method, math.inf):
+                continue
+            result = memory.run_isolated(method, case.to_json(), seed, python if method in memory.EXTERNAL else None,
+                                         timeout_s, extra)
             error = (cases.mean_error_mm(np.asarray(result["matrix"]), truth, points)
                      if result.get("matrix") is not None else math.inf)
-            row = {"family": family, "case": case.name, "method": method, "case_info": case.info,
-                   "error_mm": round(error, 3) if math.isfinite(error) else None,
+            row = {"family": family, "case": case.name, "index": case.index, "seed": seed, "method": method,
+                   "case_info": case.info, "error_mm": round(error, 3) if math.isfinite(error) else None,
                    "success": bool(error <= cases.SUCCESS_MM), "seconds": result.get("seconds"),
                    "cpu_seconds": result.get("cpu_seconds"), "peak_rss_mb": result.get("peak_rss_mb"),
                    "failure": result.get("error"), "info": result.get("info"), "matrix": result.get("matrix")}
             rows.append(row)
-            log(f"{case.name:14s} {method:20s} error {error:9.2f} mm  {_fmt(row['seconds'], 1):>6s} s  "
+            log(f"{case.name:18s} {method:22s} error {error:9.2f} mm  {_fmt(row['seconds'], 1):>6s} s  "
                 f"RSS {_fmt(row['peak_rss_mb'], 0):>6s} MB" + (f"  FAILED: {row['failure']}" if row["failure"] else ""))
     return rows
 
@@ -93,6 +115,15 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-" if value is None else "inf"
     return f"{value:.{digits}f}"
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _errors(rows: list[dict]) -> np.ndarray:
+    return np.array([r["error_mm"] if r["error_mm"] is not None else np.inf for r in rows])
 
 
 def family_table(rows: list[dict], methods: list[str], title: str) -> str:
@@ -106,23 +137,52 @@ def family_table(rows: list[dict], methods: list[str], title: str) -> str:
         if all(r["failure"] == "not installed" for r in sel):
             lines.append(f"| {method} | - | not installed | | | | | | |")
             continue
-        errors = np.array([r["error_mm"] if r["error_mm"] is not None else np.inf for r in sel])
+        errors = _errors(sel)
         ok = sum(r["success"] for r in sel)
-        times = [r["seconds"] for r in sel if r["seconds"] is not None]
-        cpu = [r["cpu_seconds"] for r in sel if r.get("cpu_seconds") is not None]
         rss = [r["peak_rss_mb"] for r in sel if r["peak_rss_mb"] is not None]
         p95 = float(np.percentile(errors, 95, method="higher"))
         failures = sorted({r["failure"][:60] for r in sel if r["failure"]})
+        seconds = _median(r["seconds"] for r in sel)
+        cpu = _median(r.get("cpu_seconds") for r in sel)
         lines.append(f"| {method} | {len(sel)} | {ok}/{len(sel)} ({100.0 * ok / len(sel):.0f}%) | "
-                     f"{_fmt(float(np.median(errors)))} | {_fmt(p95)} | {_fmt(float(np.median(times)) if times else None, 1)} | "
-                     f"{_fmt(float(np.median(cpu)) if cpu else None, 1)} | {_fmt(max(rss) if rss else None, 0)} | "
-                     f"{'; '.join(failures)} |")
+                     f"{_fmt(float(np.median(errors)))} | {_fmt(p95)} | {_fmt(seconds, 1)} | {_fmt(cpu, 1)} | "
+                     f"{_fmt(max(rss) if rss else None, 0)} | {'; '.join(failures)} |")
     return "\n".join(lines)
 
 
-TITLES = {"synthetic": "Synthetic CT torso (fixed) vs MR-like (moving): anisotropic, bias, noise, partial FOV, offsets, flips",
-          "phantom": "Real phantom pair, MR header perturbed (rotation 0-30 deg, shift 0-100 mm, 1/3 flipped, 1/2 cropped)",
-          "microct": "microCT-like 400^3 @ 0.1 mm (fixed) vs MR-like 0.5 x 0.5 x 3 mm (moving), same object"}
+def subgroup_table(rows: list[dict], methods: list[str], subgroups: dict) -> str:
+    """Successes per subgroup (label -> predicate on the case's info) and method; empty when no subgroups."""
+    ran = [m for m in methods if any(r["method"] == m and r["failure"] != "not installed" for r in rows)]
+    if not subgroups or not ran:
+        return ""
+    lines = ["| subgroup | cases | " + " | ".join(ran) + " |", "|---|---|" + "---|" * len(ran)]
+    for label, keep in subgroups.items():
+        names = sorted({r["case"] for r in rows if r.get("case_info") is not None and keep(r["case_info"])})
+        if not names:
+            continue
+        cells = []
+        for method in ran:
+            sel = [r for r in rows if r["method"] == method and r["case"] in names]
+            cells.append(f"{sum(r['success'] for r in sel)}/{len(sel)}" if sel else "-")
+        lines.append(f"| {label} | {len(names)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def family_tables(family: str, rows: list[dict], methods: list[str]) -> str:
+    spec = cases.FAMILIES[family]
+    table = family_table(rows, methods, spec.title)
+    groups = subgroup_table(rows, methods, spec.subgroups)
+    return table + ("\n\n" + groups if groups else "")
+
+
+def rescore(rows: list[dict]) -> None:
+    """Recompute the errors of earlier rows against the current cases (e.g. after a new phantom reference)."""
+    for row in rows:
+        if row.get("matrix") is None or row.get("index") is None or row.get("family") not in cases.FAMILIES:
+            continue
+        case = cases.FAMILIES[row["family"]].make(row["index"], row.get("seed", 0))
+        error = cases.mean_error_mm(np.asarray(row["matrix"]), np.asarray(case.truth, float), np.load(case.points))
+        row["error_mm"], row["success"] = round(error, 3), bool(error <= cases.SUCCESS_MM)
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -177,7 +237,8 @@ def run_targets(repeats: int, seed: int, timeout_s: float, log, with_elastix: bo
             result = memory.run_isolated(method, case, seed, None, timeout_s)
             error = (cases.mean_error_mm(np.asarray(result["matrix"]), case_truth, case_points)
                      if result.get("matrix") is not None else math.inf)
-            row = {"target": label, "method": method, "repeat": r, "error_mm": round(error, 3) if math.isfinite(error) else None,
+            row = {"target": label, "method": method, "repeat": r,
+                   "error_mm": round(error, 3) if math.isfinite(error) else None,
                    "seconds": result.get("seconds"), "cpu_seconds": result.get("cpu_seconds"),
                    "peak_rss_mb": result.get("peak_rss_mb"), "failure": result.get("error"), "info": result.get("info"),
                    "matrix": result.get("matrix"), "load_average": os.getloadavg()[0]}
@@ -216,8 +277,8 @@ def targets_table(rows: list[dict]) -> str:
         if "prealign_seconds" in info:
             notes.append(f"pre-alignment ({info.get('prealign')}) {info['prealign_seconds']} s not counted")
         lines.append(f"| {label} | {len(sel)} | {_fmt(float(np.median(errors)) if errors else None)} | "
-                     f"{_fmt(t_min, 1)} / {_fmt(t_med, 1)} | {_fmt(cpu_min, 1)} | {_fmt(max(rss) if rss else None, 0)} | "
-                     f"{min(load):.1f}-{max(load):.1f} | {'; '.join(notes)} |")
+                     f"{_fmt(t_min, 1)} / {_fmt(t_med, 1)} | {_fmt(cpu_min, 1)} | "
+                     f"{_fmt(max(rss) if rss else None, 0)} | {min(load):.1f}-{max(load):.1f} | {'; '.join(notes)} |")
     lines += speedup_lines(rows)
     return "\n".join(lines)
 
@@ -242,46 +303,91 @@ def speedup_lines(rows: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 case per family, fewer methods, no targets")
-    parser.add_argument("--family", default="all", choices=("all", *cases.FAMILIES, "targets"))
+    parser.add_argument("--family", default="all", choices=("all", *cases.FAMILIES, "targets"),
+                        help="all = " + ", ".join(f for f, spec in cases.FAMILIES.items() if spec.in_all)
+                        + " and the targets")
     parser.add_argument("--cases", type=int, default=6, help="cases per family (default 6)")
     parser.add_argument("--first-case", type=int, default=0, help="index of the first case (to extend a run)")
     parser.add_argument("--methods", default=None, help="comma separated methods (default: the family's list)")
+    parser.add_argument("--limit", default="", help="run some methods on the first k cases only, e.g. "
+                        "brainsfit-default-2mm=10,ours-auto=20 (case index < k)")
+    parser.add_argument("--options", type=json.loads, default=None, metavar="JSON",
+                        help="PipelineOptions fields for our pipeline methods, e.g. "
+                        "'{\"max_working_voxels\": 3000000}'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each target run (default 2)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run counts as failed")
-    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="Python with antspyx / picsl-greedy")
+    parser.add_argument("--peer-python", default=None,
+                        help=f"Python with antspyx / picsl-greedy (default ${PEER_PYTHON_ENV}, else this Python)")
+    parser.add_argument("--rescore", type=Path, nargs="+", default=None, metavar="ROWS.json",
+                        help="only print the tables of earlier rows, errors recomputed against the current cases")
     args = parser.parse_args(argv)
+    args.limits = {}
+    for item in filter(None, (x.strip() for x in args.limit.split(","))):
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            parser.error(f"bad --limit item '{item}'; use method=count")
+        args.limits[name] = int(value)
+    return args
+
+
+def print_rescored(paths: list[Path]) -> int:
+    rows = [r for path in paths for r in json.loads(path.read_text()) if r.get("family") in cases.FAMILIES]
+    rescore(rows)
+    for family in dict.fromkeys(r["family"] for r in rows):
+        sel = [r for r in rows if r["family"] == family]
+        print(family_tables(family, sel, list(dict.fromkeys(r["method"] for r in sel))) + "\n")
+    return 0
+
+
+def chosen_families(args, log) -> list[str]:
+    if args.family != "all":
+        families = [args.family]
+    else:
+        families = [f for f, spec in cases.FAMILIES.items() if spec.in_all] + ([] if args.quick else ["targets"])
+    for family in [f for f in families if f in cases.FAMILIES and not cases.FAMILIES[f].available()]:
+        log(f"data of the {family} family not found: skipping it")
+        families.remove(family)
+    if "targets" in families and not cases.phantom_available():
+        log("phantom data or reference transform not found: skipping the targets")
+        families.remove("targets")
+    return families
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.rescore:
+        return print_rescored(args.rescore)
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    families = list(cases.FAMILIES) + ["targets"] if args.family == "all" else [args.family]
-    if args.quick and args.family == "all":
-        families = list(cases.FAMILIES)
-    if "phantom" in families and not cases.phantom_available():
-        log("phantom data or reference transform not found: skipping the phantom family and the targets")
-        families = [f for f in families if f not in ("phantom", "targets")]
-    installed = {"ants": peer_python_has(args.peer_python, "ants"), "greedy": peer_python_has(args.peer_python, "picsl_greedy")}
+    families = chosen_families(args, log)
+    python = peer_python(args.peer_python)
+    installed = {m: peer_python_has(python, module) for m, module in PEER_MODULES.items()}
     n = 1 if args.quick else args.cases
+    extra = {"options": args.options} if args.options else None
     started = datetime.datetime.now(datetime.timezone.utc)
     header = [f"Benchmark run {started.strftime('%Y-%m-%d %H:%M UTC')}; {machine_line()}; "
               f"{n} case(s) per family; ANTs {'installed' if installed['ants'] else 'not installed'}, "
-              f"greedy {'installed' if installed['greedy'] else 'not installed'} ({args.peer_python})", ""]
+              f"greedy {'installed' if installed['greedy'] else 'not installed'} ({python})", ""]
     all_rows, tables = [], []
     for family in families:
         if family == "targets":
             rows, table = run_targets(args.repeats, args.seed, args.timeout, log)
         else:
+            spec = cases.FAMILIES[family]
             methods = ([m.strip() for m in args.methods.split(",")] if args.methods
-                       else (QUICK_METHODS if args.quick else METHODS)[family])
+                       else list(spec.quick_methods if args.quick else spec.methods))
             runnable = [m for m in methods if m not in memory.EXTERNAL or installed[m]]
-            rows = run_family(family, n, runnable, args.seed, args.peer_python, args.timeout, log, args.first_case)
+            rows = run_family(family, n, runnable, args.seed, python, args.timeout, log, args.first_case,
+                              args.limits, extra)
             rows += [{"family": family, "method": m, "failure": "not installed", "case": None, "error_mm": None,
                       "success": False, "seconds": None, "peak_rss_mb": None} for m in methods if m not in runnable]
-            table = family_table(rows, methods, TITLES[family])
+            table = family_tables(family, rows, methods)
         all_rows += rows
         tables.append(table)
         print(table + "\n", flush=True)

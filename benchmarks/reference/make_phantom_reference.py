@@ -11,9 +11,10 @@ How (independent of the code under test in search.py):
    (printed with the others, the margin shows the choice is unambiguous) starts the registration.
 2. Multi-start dense rigid registration: 8 starts (the initialisation and 7 perturbations of 6 degrees
    and 6 mm), VersorRigid3D, Mattes MI 50 bins, regular-step gradient descent, levels 4 / 2 mm (on 2 mm
-   copies, 20% sampling), then 1 mm (both images on 1 mm isotropic grids, 2% sampling). The MR is ITK's sampled ("fixed") image with its body mask dilated
-   5 mm, because its body lies inside the CT field of view (the CT body reaches past the MR slab ends).
-   The 2 best distinct results plus 2 perturbations (2 degrees, 2 mm) of the best continue at 1 mm;
+   copies, 20% sampling), then 1 mm (both images on 1 mm isotropic grids, 2% sampling). The MR is ITK's
+   sampled ("fixed") image with its body mask dilated 5 mm, because its body lies inside the CT field of
+   view (the CT body reaches past the MR slab ends). The 2 best distinct results plus 2 perturbations
+   (2 degrees, 2 mm) of the best continue at 1 mm;
    the best final metric wins and the spread of the 1 mm runs over the CT body is printed as the
    reference's repeatability.
 3. Output: ``phantom_ct_to_mr_reference.tfm`` (next to this script) and a checkerboard PNG of CT and
@@ -97,8 +98,9 @@ def register(fixed, moving, mask, matrix, center, shrink, sigmas, sampling, seed
     method.SetMetricSamplingPercentage(sampling, seed)
     method.SetMetricFixedMask(mask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-4, numberOfIterations=iterations,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-4,
+                                                    numberOfIterations=iterations, relaxationFactor=0.6,
+                                                    gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(shrink)
     method.SetSmoothingSigmasPerLevel(sigmas)
