@@ -63,10 +63,10 @@ def run_elastix_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, in
     import itk
 
     from MultimodalPrealignLib.engines.elastix_engine import (
-        _itk_affine,
-        _to_itk,
         elastix_map_to_sitk,
+        itk_affine_transform,
         parse_parameter_text,
+        to_itk_image,
         translate_elastix_log,
     )
     from MultimodalPrealignLib.geometry import transforms
@@ -78,11 +78,11 @@ def run_elastix_default(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, in
         params["AutomaticTransformInitialization"] = ["false"]
     parameter_object = itk.ParameterObject.New()
     parameter_object.AddParameterMap(params)
-    method = itk.ElastixRegistrationMethod.New(_to_itk(sitk.Cast(fixed, sitk.sitkFloat32)),
-                                               _to_itk(sitk.Cast(moving, sitk.sitkFloat32)))
+    method = itk.ElastixRegistrationMethod.New(to_itk_image(sitk.Cast(fixed, sitk.sitkFloat32)),
+                                               to_itk_image(sitk.Cast(moving, sitk.sitkFloat32)))
     method.SetParameterObject(parameter_object)
     if initial is not None:
-        method.SetExternalInitialTransform(_itk_affine(_affine(initial)))
+        method.SetExternalInitialTransform(itk_affine_transform(_affine(initial)))
     method.SetLogToConsole(False)
     with tempfile.TemporaryDirectory(prefix="bench_elastix_") as folder:
         method.SetOutputDirectory(folder)

@@ -138,7 +138,7 @@ def elastix_refine(mr_work, ct_work, mask, start: np.ndarray) -> np.ndarray:
     fixed image (masked). Returns CT -> MR 4x4."""
     import itk
 
-    from MultimodalPrealignLib.engines.elastix_engine import _itk_affine, _to_itk, elastix_map_to_sitk
+    from MultimodalPrealignLib.engines.elastix_engine import elastix_map_to_sitk, itk_affine_transform, to_itk_image
 
     params = {
         "Registration": ["MultiResolutionRegistration"], "Metric": ["AdvancedMattesMutualInformation"],
@@ -153,12 +153,12 @@ def elastix_refine(mr_work, ct_work, mask, start: np.ndarray) -> np.ndarray:
         "MovingInternalImagePixelType": ["float"], "RandomSeed": ["121212"], "ErodeMask": ["false"]}
     parameter_object = itk.ParameterObject.New()
     parameter_object.AddParameterMap(params)
-    method = itk.ElastixRegistrationMethod.New(_to_itk(mr_work), _to_itk(ct_work))
+    method = itk.ElastixRegistrationMethod.New(to_itk_image(mr_work), to_itk_image(ct_work))
     method.SetParameterObject(parameter_object)
     method.SetLogToConsole(False)
-    method.SetFixedMask(_to_itk(mask, np.uint8))
+    method.SetFixedMask(to_itk_image(mask, np.uint8))
     initial = transforms.affine_from_matrix(np.linalg.inv(start))  # MR -> CT
-    method.SetExternalInitialTransform(_itk_affine(initial))
+    method.SetExternalInitialTransform(itk_affine_transform(initial))
     method.UpdateLargestPossibleRegion()
     result = method.GetTransformParameterObject()
     stage = elastix_map_to_sitk({k: list(v) for k, v in

@@ -211,7 +211,3 @@ def _final_metric(log: str) -> float | None:
     match = re.findall(r"Final metric value\s*=\s*([-+0-9.eE]+)", log)
     return float(match[-1]) if match else None
 
-
-# Former private names, still imported by benchmarks/peers.py and benchmarks/reference/make_phantom_reference.py.
-_to_itk = to_itk_image
-_itk_affine = itk_affine_transform
