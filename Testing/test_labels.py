@@ -48,7 +48,7 @@ def test_infer_task_from_values_and_intensities(ct_and_mr):
     assert labels.infer_task(mr_labels)[0] is None  # ids 1..50 alone are ambiguous
     small = sitk.Cast(ct_labels == 5, sitk.sitkUInt16) * 5  # only liver (id 5 in both tasks)
     assert labels.infer_task(small, ct)[0] == "total"
-    assert modality.is_ct(ct) and not modality.is_ct(mr)
+    assert modality.ct_or_mr(ct) == "CT" and modality.ct_or_mr(mr) == "MR"
 
 
 def test_load_multilabel_file_without_names(tmp_path, ct_and_mr):

@@ -152,7 +152,7 @@ def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
             continue
         path = getattr(args, which)
         image = image_io.load_image(path, f"{which} image")
-        task = modality.totalsegmentator_task("CT" if modality.is_ct(image) else "MR")
+        task = modality.totalsegmentator_task(modality.ct_or_mr(image))
         target = scratch / f"{which}_labels_{task}.nii.gz"
         totalseg.segment(path, task, fast=args.fast_segment, out_path=target)
         setattr(args, f"{which}_labels_task", getattr(args, f"{which}_labels_task") or task)
@@ -167,8 +167,9 @@ def run_report_only(args: argparse.Namespace) -> int:
     """--report-only: judge a given transform (no registration); writes report.json, pictures, report.html."""
     from . import pipeline
     from .geometry import transforms
-    from .io import image_io
+    from .pipeline.inputs import load_inputs
     from .qa import reporting
+    from .qa.metrics import structure_pairs
     from .qa.verdict import exit_code_for
 
     if args.transform is None:
@@ -183,27 +184,17 @@ def run_report_only(args: argparse.Namespace) -> int:
                          "give a .h5/.tfm/.txt transform file (fixed->moving, as register writes)") from None
     out_dir = Path(args.out)
     pipeline.check_output_dir(out_dir)
-    fixed = image_io.load_image(args.fixed, "fixed image")
-    moving = image_io.load_image(args.moving, "moving image")
-    fixed_labels = moving_labels = pairs = None
-    if args.fixed_labels and args.moving_labels:
-        fixed_labels, fixed_task = pipeline.load_labels(args.fixed_labels, fixed, "fixed label map", "fixed image",
-                                                        args.fixed_labels_task)
-        moving_labels, moving_task = pipeline.load_labels(args.moving_labels, moving, "moving label map",
-                                                          "moving image", args.moving_labels_task)
-        from .qa.metrics import structure_pairs
-
-        pairs = structure_pairs(args.fixed_labels_task or fixed_task, args.moving_labels_task or moving_task)
-    landmark_pairs = None
-    if args.landmarks is not None:
-        from .io.landmarks import load_landmark_pairs
-
-        landmark_pairs = load_landmark_pairs(args.landmarks, args.moving_landmarks)
-    report = reporting.report_for_transform(fixed, moving, transform, out_dir, fixed_labels=fixed_labels,
-                                     moving_labels=moving_labels, pairs=pairs, landmarks=landmark_pairs,
-                                     write_pictures=not args.no_report,
-                                     extra={"command": ["multimodal-prealign", *sys.argv[1:]],
-                                            "transform_file": str(transform_path.resolve())})
+    both = bool(args.fixed_labels and args.moving_labels)  # structures are compared only with both label maps
+    tasks = pipeline.PipelineOptions(fixed_labels_task=args.fixed_labels_task,
+                                     moving_labels_task=args.moving_labels_task)
+    loaded = load_inputs(args.fixed, args.moving, tasks, Progress(), args.fixed_labels if both else None,
+                         args.moving_labels if both else None, args.landmarks, args.moving_landmarks)
+    pairs = structure_pairs(tasks.fixed_labels_task, tasks.moving_labels_task) if both else None
+    report = reporting.report_for_transform(loaded.fixed, loaded.moving, transform, out_dir,
+                                            fixed_labels=loaded.fixed_labels, moving_labels=loaded.moving_labels,
+                                            pairs=pairs, landmarks=loaded.landmarks, write_pictures=not args.no_report,
+                                            extra={"command": ["multimodal-prealign", *sys.argv[1:]],
+                                                   "transform_file": str(transform_path.resolve())})
     reasons = report.get("verdict_reasons") or []
     print(f"verdict: {report.get('verdict')}" + (f" ({reasons[0]})" if reasons else ""))
     print(f"outputs: {out_dir / 'report.json'}" + ("" if args.no_report else f", {out_dir / 'report.html'}"))

@@ -152,17 +152,24 @@ def check_3d(fixed: sitk.Image, moving: sitk.Image) -> None:
             raise InputError(f"The {name} image is {image.GetDimension()}D", "give 3D volumes")
 
 
-def diagnose_images(fixed: sitk.Image, moving: sitk.Image) -> dict:
+def working_copies(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """The diagnostics' coarse copies (box averages at the rules' ``working_copy_spacing_mm``)."""
+    spacing = rules()["working_copy_spacing_mm"]
+    return resample.box_average_copy(fixed, spacing), resample.box_average_copy(moving, spacing)
+
+
+def diagnose_images(fixed: sitk.Image, moving: sitk.Image,
+                    work: tuple[sitk.Image, sitk.Image] | None = None) -> dict:
     """The part of the diagnostics that needs only the headers and the images (JSON-ready dict).
 
+    ``work``: :func:`working_copies` of the pair when the caller has made them already.
     Keys: fixed, moving, overlap {header, prealigned: None}, ratios, suggested_working_spacing_mm, seconds.
     :func:`finish_diagnosis` adds the overlap under a pre-alignment, the advice and the verdict.
     """
     started = time.perf_counter()
     settings = rules()
     check_3d(fixed, moving)
-    fixed_work = resample.box_average_copy(fixed, settings["working_copy_spacing_mm"])
-    moving_work = resample.box_average_copy(moving, settings["working_copy_spacing_mm"])
+    fixed_work, moving_work = work or working_copies(fixed, moving)
     return {
         "fixed": describe(fixed, "fixed", settings, fixed_work),
         "moving": describe(moving, "moving", settings, moving_work),
@@ -206,8 +213,8 @@ def diagnose_pair(fixed: sitk.Image, moving: sitk.Image, prealigned_fixed_to_mov
 
     ``prealigned_fixed_to_moving`` (fixed->moving, LPS mm) is the best available pre-alignment (None: the
     headers only); ``prealign_method`` names it. Nothing is pre-aligned here: the caller runs the method
-    (the CLI's ``diagnose`` runs it on :func:`geometry.resample.box_average_copy` copies, see
-    :mod:`pipeline.diagnosis`). ``warnings``: the pre-alignment's.
+    (the CLI's ``diagnose`` runs it on :func:`working_copies`, see :mod:`pipeline.diagnosis`). ``warnings``:
+    the pre-alignment's.
     Keys: fixed, moving, overlap {header, prealigned}, ratios, suggested_working_spacing_mm, advice,
     verdict_code, verdict, warnings, seconds.
     """

@@ -4,20 +4,19 @@ included, plus per-stage records), and the itk preset (``resources/presets/itk.j
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..resource_files import load_resource_text
+from ..resource_files import load_settings
 
 ENGINES = ("itk", "elastix")
 STAGES = ("rigid", "affine", "bspline")
 
 
 def itk_preset() -> dict:
-    return {k: v for k, v in json.loads(load_resource_text("presets", "itk.json")).items() if not k.startswith("_")}
+    return load_settings("presets", "itk.json")
 
 
 def check_stages(stages, option: str = "--stages ") -> tuple:
@@ -69,9 +68,6 @@ class RegistrationSettings:
             raise InputError(f"Seed must be >= 0, got {self.seed}", "use e.g. --seed 0")
         self.stages = stages
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..resource_files import load_resource_json
 from .image_io import check_image, check_label_grid, read_image_file
-from .modality import is_ct
+from .modality import ct_or_mr
 
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -179,7 +179,7 @@ def infer_task(labels: sitk.Image, image: sitk.Image | None = None,
     """
     modality = None
     if image is not None:
-        modality = "ct" if is_ct(image) else "mr"
+        modality = ct_or_mr(image).lower()
     if table:
         task, missing = infer_task_from_names(table.values(), modality)
         if task is not None:
@@ -229,9 +229,8 @@ def labels_from_masks(masks: dict, reference: sitk.Image, task: str | None = Non
     """
     if not masks:
         raise InputError(f"The {name} hold no masks", "give TotalSegmentator masks named after their structures")
-    modality = "ct" if is_ct(reference) else "mr"
     if task is None:
-        task, missing = infer_task_from_names(masks.keys(), modality)
+        task, missing = infer_task_from_names(masks.keys(), ct_or_mr(reference).lower())
         if task is None:
             raise InputError(f"None of the {name} ({', '.join(list(masks)[:5])}...) is a TotalSegmentator "
                              "structure name", "name each mask after its TotalSegmentator class (e.g. liver)")
@@ -268,8 +267,7 @@ def load_mask_folder(folder: str | os.PathLike, reference: sitk.Image, name: str
                          "point it at TotalSegmentator's output folder (liver.nii.gz, spleen.nii.gz, ...) "
                          "or at a multi-label file")
     if task is None:
-        modality = "ct" if is_ct(reference) else "mr"
-        task, _ = infer_task_from_names([_mask_name(p) for p in files], modality)
+        task, _ = infer_task_from_names([_mask_name(p) for p in files], ct_or_mr(reference).lower())
         if task is None:
             raise InputError(f"No file in {name} '{folder}' is named after a TotalSegmentator structure",
                              "give TotalSegmentator's output folder (file names such as liver.nii.gz)")

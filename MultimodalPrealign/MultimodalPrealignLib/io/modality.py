@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..geometry.masks import padding_value
-from ..resource_files import load_resource_json
+from ..resource_files import load_settings
 
 #: Metadata keys that carry the DICOM Modality into an image (dicom_series sets the first; GDCM the tag).
 MODALITY_KEYS = ("MultimodalPrealign.modality", "0008|0060")
@@ -26,7 +26,7 @@ MR_NAMES = ("MR", "MRI", "T1", "T2", "FLAIR", "PD", "DWI")
 
 def rules() -> dict:
     """Thresholds from ``resources/diagnostics_rules.json`` (keys starting with '_' dropped)."""
-    return {k: v for k, v in load_resource_json("diagnostics_rules.json").items() if not k.startswith("_")}
+    return load_settings("diagnostics_rules.json")
 
 
 def metadata(image: sitk.Image, keys) -> str | None:
@@ -84,9 +84,10 @@ def image_modality(image: sitk.Image) -> str:
     return guess_modality(intensity_summary(image, settings), metadata(image, MODALITY_KEYS), settings)["guess"]
 
 
-def is_ct(image: sitk.Image) -> bool:
-    """True when :func:`image_modality` says CT (an 'unknown' image counts as not CT)."""
-    return image_modality(image) == "CT"
+def ct_or_mr(image: sitk.Image) -> str:
+    """'CT' when :func:`image_modality` says CT, else 'MR' (an 'unknown' image counts as MR): the choice between
+    the two TotalSegmentator tasks and the two label-task families."""
+    return "CT" if image_modality(image) == "CT" else "MR"
 
 
 def totalsegmentator_task(modality: str) -> str:

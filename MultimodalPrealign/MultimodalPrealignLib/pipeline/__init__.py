@@ -31,14 +31,14 @@ import SimpleITK as sitk
 from ..progress import Progress
 from . import attempts, stages
 from .fallback import MAX_ATTEMPTS
-from .inputs import load_inputs, load_labels, record_input_paths
+from .inputs import load_inputs, record_input_paths
 from .options import PipelineOptions, PipelineResult
 from .outputs import OUTPUT_FILES, check_output_dir, move_into_place, resample_moving, write_outputs
 from .state import QA_SPACING_MM, RunState
 
 __all__ = [
     "MAX_ATTEMPTS", "OUTPUT_FILES", "QA_SPACING_MM", "PipelineOptions", "PipelineResult",
-    "check_output_dir", "load_labels", "move_into_place", "register_files", "resample_moving", "run_pipeline",
+    "check_output_dir", "move_into_place", "register_files", "resample_moving", "run_pipeline",
 ]
 
 

@@ -26,29 +26,25 @@ class LoadedInputs:
     seconds: float  # reading time (s), report.json's timings_s.load
 
 
-def load_labels(path, reference: sitk.Image, label_name: str, image_name: str, task: str | None = None):
-    """Label map (UInt16 on ``reference``'s grid) and its TotalSegmentator task when known (given or inferred).
-
-    ``path``: a multi-label file, TotalSegmentator's folder of per-structure masks, or a Slicer .seg.nrrd."""
-    return labels.load_labels(path, reference, label_name, task=task, image_name=image_name)
-
-
 def load_inputs(fixed_path, moving_path, options: PipelineOptions, progress: Progress, fixed_labels_path=None,
                 moving_labels_path=None, landmarks_path=None, moving_landmarks_path=None) -> LoadedInputs:
     """Read the images, label maps and landmarks; a label map's inferred task fills an unset
-    ``options.fixed_labels_task`` / ``moving_labels_task``."""
+    ``options.fixed_labels_task`` / ``moving_labels_task``.
+
+    A label map (:func:`io.labels.load_labels`) is a multi-label file, TotalSegmentator's folder of
+    per-structure masks, or a Slicer .seg.nrrd, on its image's grid (read as UInt16)."""
     started = time.perf_counter()
     progress.report("load", 0.0, "reading images")
     fixed = image_io.load_image(fixed_path, "fixed image")
     moving = image_io.load_image(moving_path, "moving image")
     fixed_labels = moving_labels = None
     if fixed_labels_path is not None:
-        fixed_labels, task = load_labels(fixed_labels_path, fixed, "fixed label map", "fixed image",
-                                         options.fixed_labels_task)
+        fixed_labels, task = labels.load_labels(fixed_labels_path, fixed, "fixed label map",
+                                                task=options.fixed_labels_task, image_name="fixed image")
         options.fixed_labels_task = options.fixed_labels_task or task
     if moving_labels_path is not None:
-        moving_labels, task = load_labels(moving_labels_path, moving, "moving label map", "moving image",
-                                          options.moving_labels_task)
+        moving_labels, task = labels.load_labels(moving_labels_path, moving, "moving label map",
+                                                 task=options.moving_labels_task, image_name="moving image")
         options.moving_labels_task = options.moving_labels_task or task
     landmark_pairs = None
     if landmarks_path is not None:

@@ -47,13 +47,12 @@ from ..geometry import transforms
 from ..geometry.image_space import direction_matrix, index_to_physical_matrix, physical_to_index
 from ..geometry.transforms import apply_matrix
 from ..io import labels as label_io
-from ..resource_files import load_resource_json
+from ..resource_files import load_resource_json, load_settings
 from .base import PrealignInputs, PrealignResult, rounded
 
 #: Tunable settings (mm, ml, fractions). Override through ``options["anatomy"]`` or ``options["anatomy_<key>"]``.
 #: Settings of the fit (documented in resources/presets/anatomy.json, where they live).
-DEFAULTS = {k: v for k, v in load_resource_json("presets", "anatomy.json").items()
-            if not k.startswith("_")}
+DEFAULTS = load_settings("presets", "anatomy.json")
 
 
 @cache

@@ -47,7 +47,7 @@ from ..geometry import image_space, transforms
 from ..geometry.masks import foreground_mask, padding_value
 from ..io.image_io import as_float32
 from ..progress import Progress
-from ..resource_files import load_resource_json
+from ..resource_files import load_settings
 from .base import PrealignInputs, PrealignResult
 
 #: Clock of the time budget: CPU seconds of this process (all threads). On a free machine this is about
@@ -62,8 +62,7 @@ MIN_SAMPLES = 128
 
 def default_options() -> dict:
     """The defaults from ``resources/presets/search.json`` (keys starting with ``_`` dropped)."""
-    data = load_resource_json("presets", "search.json")
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+    return load_settings("presets", "search.json")
 
 
 #: Options that are lengths (mm). Their defaults are set for human anatomy (a field of view of

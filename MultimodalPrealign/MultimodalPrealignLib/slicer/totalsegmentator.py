@@ -115,7 +115,7 @@ def segment_volume(volume_node, fast: bool = False, cpu: bool = False):
     from ..io import modality  # needs scipy: imported once the module has checked the Python requirements
 
     array = slicer.util.arrayFromVolume(volume_node)[::4, ::4, ::4]
-    task = modality.totalsegmentator_task("CT" if modality.is_ct(sitk.GetImageFromArray(array.copy())) else "MR")
+    task = modality.totalsegmentator_task(modality.ct_or_mr(sitk.GetImageFromArray(array.copy())))
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                       f"{volume_node.GetName()} TotalSegmentator {task}")
     logic = TotalSegmentatorLogic()
