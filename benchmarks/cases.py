@@ -129,20 +129,21 @@ def _store(case: Case, folder: Path) -> Case:
     return case
 
 
-def _cached(folder: Path) -> Case | None:
+def _open_case(folder: Path) -> Case | None:
+    """The case cached in ``folder``, or None after creating the folder for a new one."""
     path = folder / "case.json"
     if path.exists():
         return Case.from_json(json.loads(path.read_text()))
+    folder.mkdir(parents=True, exist_ok=True)
     return None
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
 def synthetic_case(index: int, seed: int = 0) -> Case:
     folder = CACHE / f"synthetic_s{seed}_{index:03d}"
-    cached = _cached(folder)
+    cached = _open_case(folder)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(10_000 + 97 * seed + index)
     slab = index % 2 == 1
     flip = index % 3 == 0
@@ -206,10 +207,9 @@ def _phantom_base() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def phantom_case(index: int, seed: int = 0) -> Case:
     folder = CACHE / f"phantom_s{seed}_{index:03d}_{_reference_key()}"
-    cached = _cached(folder)
+    cached = _open_case(folder)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     reference, points, centroid = _phantom_base()
     rng = np.random.default_rng(20_000 + 97 * seed + index)
     angle = float(rng.uniform(0, 30))
@@ -219,28 +219,40 @@ def phantom_case(index: int, seed: int = 0) -> Case:
         flip = str(rng.choice(list(FLIPS)))
         r = r @ FLIPS[flip]
     shift = _unit(rng) * float(rng.uniform(0, 100))
-    p = np.eye(4)
-    p[:3, :3] = r
-    p[:3, 3] = centroid + shift - r @ centroid
     mr = sitk.ReadImage(str(DATA / "mr_t2.nrrd"))
-    moving = with_header_moved(mr, p)
     crop = None
     if index % 2 == 1:
         n_slices = mr.GetSize()[2]
         keep = max(2, int(round(float(rng.uniform(0.4, 0.7)) * n_slices)))
         start = int(rng.integers(0, n_slices - keep + 1))
-        moving = moving[:, :, start:start + keep]
         crop = {"first_slice": start, "slices": keep}
-    truth = p @ reference
+    return _perturbed_phantom_case("phantom", index, folder, mr, _perturbation(r, shift, centroid), crop, reference,
+                                   points, {"rotation_deg": round(angle, 2), "flip_about": flip,
+                                            "translation_mm": round(float(np.linalg.norm(shift)), 1)})
+
+
+def _perturbation(r: np.ndarray, shift: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """4x4 rigid P (LPS mm): rotation ``r`` about ``centre``, then ``shift``."""
+    p = np.eye(4)
+    p[:3, :3] = r
+    p[:3, 3] = centre + shift - r @ centre
+    return p
+
+
+def _perturbed_phantom_case(family: str, index: int, folder: Path, mr: sitk.Image, p: np.ndarray, crop: dict | None,
+                            reference: np.ndarray, points: np.ndarray, info: dict) -> Case:
+    """The real CT against the MR with its header moved by ``p`` (pixels untouched) and its slices cut to ``crop``
+    (``first_slice``, ``slices``); truth = P o reference. Scored at the CT object ``points`` that the moved (and
+    possibly cropped) MR shows: outside it a rigid fit to a slab extrapolates."""
     from MultimodalPrealignLib.geometry.image_space import inside_image
 
-    moved = points @ truth[:3, :3].T + truth[:3, 3]
-    case_points = points[inside_image(moving, moved)]
-    np.save(folder / "points.npy", case_points)
-    info = {"rotation_deg": round(angle, 2), "flip_about": flip,
-            "translation_mm": round(float(np.linalg.norm(shift)), 1), "crop": crop,
-            "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
-    case = Case("phantom", index, str(DATA / "ct.nrrd"), _write(moving, folder / "moving.mha"), truth.tolist(),
+    moving = with_header_moved(mr, p)
+    if crop is not None:
+        moving = moving[:, :, crop["first_slice"]:crop["first_slice"] + crop["slices"]]
+    truth = p @ reference
+    np.save(folder / "points.npy", points[inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])])
+    info = {**info, "crop": crop, "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
+    case = Case(family, index, str(DATA / "ct.nrrd"), _write(moving, folder / "moving.mha"), truth.tolist(),
                 str(folder / "points.npy"), info)
     return _store(case, folder)
 
@@ -252,10 +264,9 @@ MICROCT_SCALE = 10.0  # world (torso, mm) = 10 x physical (a 40 mm "mouse-sized"
 def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
     """microCT-like fixed (``size``^3 at 0.1 mm) vs MR-like moving (0.5 x 0.5 x 3 mm) of the same object."""
     folder = CACHE / f"microct_s{seed}_{index:03d}_{size}"
-    cached = _cached(folder)
+    cached = _open_case(folder)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(30_000 + 97 * seed + index)
     scale = np.diag([MICROCT_SCALE] * 3 + [1.0])
     world_center = np.asarray(phantoms.body_box().center)
@@ -290,10 +301,9 @@ def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
 def slab_case(index: int, seed: int = 0) -> Case:
     """The search study's synthetic thin slab ``index`` (CT-like torso at 2 mm vs MR-like slab of 20-40%)."""
     folder = CACHE / f"slab_s{seed}_{index:03d}"
-    cached = _cached(folder)
+    cached = _open_case(folder)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 1000)  # one stream for all cases: replay the draws of the cases before
     for _ in range(index + 1):
         fraction = float(rng.uniform(0.2, 0.4))
@@ -356,31 +366,17 @@ def _search_study_base(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def phantom_search_case(index: int, seed: int = 0) -> Case:
     """The search study's phantom case ``index``: MR header perturbed, possibly cropped; truth P o reference."""
-    from MultimodalPrealignLib.geometry.image_space import inside_image
-
     folder = CACHE / f"phantom_search_s{seed}_{index:03d}_{_reference_key()}"
-    cached = _cached(folder)
+    cached = _open_case(folder)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     points, centroid = _search_study_base(seed)
     mr = sitk.ReadImage(str(DATA / "mr_t2.nrrd"))
     angle, r, flip, shift, crop = _search_study_draws(index, seed, mr.GetSize()[2])
-    p = np.eye(4)
-    p[:3, :3] = r
-    p[:3, 3] = centroid + shift - r @ centroid
-    moving = with_header_moved(mr, p)
-    if crop is not None:
-        moving = moving[:, :, crop["first_slice"]:crop["first_slice"] + crop["slices"]]
-    truth = p @ transforms.to_matrix(transforms.read_transform(REFERENCE))
-    # Scored where the (possibly cropped) MR shows the object: outside it a rigid fit to a slab extrapolates.
-    np.save(folder / "points.npy", points[inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])])
-    info = {"rotation_deg": round(angle, 2), "flip_about": flip,
-            "translation_mm": round(float(np.linalg.norm(shift)), 1), "crop": crop,
-            "truth": "perturbation o benchmarks/reference/phantom_ct_to_mr_reference.tfm"}
-    case = Case("phantom-search", index, str(DATA / "ct.nrrd"), _write(moving, folder / "moving.mha"),
-                truth.tolist(), str(folder / "points.npy"), info)
-    return _store(case, folder)
+    reference = transforms.to_matrix(transforms.read_transform(REFERENCE))
+    return _perturbed_phantom_case("phantom-search", index, folder, mr, _perturbation(r, shift, centroid), crop,
+                                   reference, points, {"rotation_deg": round(angle, 2), "flip_about": flip,
+                                                       "translation_mm": round(float(np.linalg.norm(shift)), 1)})
 
 
 # ---------------------------------------------------------------------------------------------- anatomy
@@ -388,10 +384,9 @@ def anatomy_case(index: int, seed: int = 0) -> Case:
     """The anatomy study's case ``index``: torso with labels, random pose, MR slab in ~3/4 of the cases."""
     case_seed = 1000 * (seed + 1) + index  # the study's seed of the phantom and of every method run on it
     folder = CACHE / f"anatomy_s{seed}_{index:03d}"
-    cached = _cached(folder)
+    cached = _open_case(folder)
     if cached is not None:
         return cached
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(case_seed)
     rotation = float(rng.uniform(0.0, 40.0))
     translation = float(rng.uniform(0.0, 150.0))
