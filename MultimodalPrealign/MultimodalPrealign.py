@@ -31,6 +31,7 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # the core package ships next to this file
     sys.path.insert(0, _MODULE_DIR)
 
+from MultimodalPrealignLib.errors import Cancelled  # noqa: E402
 from MultimodalPrealignLib.slicer import (  # noqa: E402
     engine_run,
     pair_diagnostics,
@@ -39,15 +40,19 @@ from MultimodalPrealignLib.slicer import (  # noqa: E402
     run_steps,
     sample_data,
     self_test,
+    structure_nodes,
     totalsegmentator,
     views,
 )
 from MultimodalPrealignLib.slicer.run_steps import MultimodalPrealignResult  # noqa: E402 (what the logic returns)
 
+#: logic.run's settings recorded in report.json's "reproduce" (non-default ones become the console code).
+RUN_SETTINGS = ("prealign", "engine", "stages", "samplingPercentage", "iterations", "cropMarginMm", "spacingScale",
+                "isotropic", "seed", "fallback", "keepTemporaryFiles", "writeReport", "perStructure", "structureStages",
+                "structureThreshold")
 DOCS_URL = "https://github.com/MultimodalPrealign/SlicerMultimodalPrealign/blob/main/docs/user_guide.md"
 PREALIGN_METHODS = ["auto", "search", "anatomy", "moments", "geometry", "header", "none"]
-ENGINES = list(engine_run.SLICER_ENGINES)  # brainsfit, elastix, core
-CORE_ENGINES = ["itk", "elastix"]
+ENGINES = list(engine_run.SLICER_ENGINES)  # itk, elastix, brainsfit: the command line's --engine names
 
 
 #
@@ -69,8 +74,9 @@ partial field of view, very different voxel sizes, head-first vs feet-first, no 
 <li>Select the fixed and moving volumes: the pair's diagnostics appear at once.</li>
 <li>Optionally segment both with TotalSegmentator (buttons) to enable anatomy-based pre-alignment
 and per-structure metrics.</li>
-<li>Apply: pre-alignment, crop to the overlap (CropVolume), registration (BRAINSFit, SlicerElastix or the
-built-in engine). The moving volume is placed under the output transform.</li>
+<li>Apply: pre-alignment, crop to the overlap (CropVolume), registration (engine brainsfit: Slicer's BRAINSFit;
+elastix: SlicerElastix; itk: the built-in engine). The moving volume is placed under the output transform; Apply
+again starts over from the untransformed moving volume and replaces the result.</li>
 <li>Quality check: a PASS/WARN/FAIL verdict with its reasons, the metrics as a table node, before/after
 pictures (click to enlarge) and a report.html with everything.</li>
 </ol>
@@ -106,6 +112,8 @@ class MultimodalPrealignParameterNode:
     spacingScale: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
     isotropic: bool = True
     engine: Annotated[str, Choice(ENGINES)] = "brainsfit"
+    fallback: bool = True
+    keepTemporaryFiles: bool = False
     stageRigid: bool = True
     stageAffine: bool = True
     stageBSpline: bool = False
@@ -113,6 +121,8 @@ class MultimodalPrealignParameterNode:
     iterations: Annotated[int, WithinRange(0, 100000)] = 0
     outputTransform: Optional[vtkMRMLTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
+    perStructure: str = ""  # per-structure registration: segment names or 'all' (empty: off)
+    structureSegmentation: Optional[vtkMRMLSegmentationNode]
 
 
 #
@@ -132,6 +142,7 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._lastResult = None
         self._diagnostics = pair_diagnostics.DiagnosticsDisplay()
         self._pictureButtons = []
+        self._segmentLog = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,6 +164,9 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.showCheckerboardButton.connect("clicked(bool)", lambda: self.onShow("checkerboard"))
         self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         self.ui.openReportFolderButton.connect("clicked(bool)", self.onOpenReportFolder)
+        self.ui.showTemporaryFolderButton.connect("clicked(bool)", self.onShowTemporaryFolder)
+        self.ui.copyReproduceButton.connect("clicked(bool)", self.onCopyReproduce)
+        self.ui.showMovingUnderComboBox.connect("currentIndexChanged(int)", self.onShowMovingUnder)
 
         totalsegmentator.show_segment_buttons(self.ui)
         self.ui.cancelButton.enabled = False
@@ -252,15 +266,22 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._setRunning(True)
         try:
             with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
-                result = self.logic.run(
-                    p.fixedVolume, p.movingVolume,
-                    fixedSegmentation=p.fixedSegmentation, movingSegmentation=p.movingSegmentation,
-                    prealign=p.prealignMethod, engine=p.engine, stages=self._stages(),
-                    samplingPercentage=p.samplingPercentage or None, iterations=p.iterations or None,
-                    cropMarginMm=p.cropMarginMm, spacingScale=p.spacingScale, isotropic=p.isotropic,
-                    outputTransformNode=p.outputTransform, outputVolumeNode=p.outputVolume,
-                    outputTableNode=run_steps.reusable_table_node(self._lastResult, p.fixedVolume, p.movingVolume),
-                    progressCallback=self._progress, cancelRequested=self._cancelRequestedCallback)
+                try:
+                    result = self.logic.run(
+                        p.fixedVolume, p.movingVolume,
+                        fixedSegmentation=p.fixedSegmentation, movingSegmentation=p.movingSegmentation,
+                        prealign=p.prealignMethod, engine=p.engine, stages=self._stages(),
+                        samplingPercentage=p.samplingPercentage or None, iterations=p.iterations or None,
+                        cropMarginMm=p.cropMarginMm, spacingScale=p.spacingScale, isotropic=p.isotropic,
+                        fallback=p.fallback, keepTemporaryFiles=p.keepTemporaryFiles,
+                        perStructure=p.perStructure, structureSegmentation=p.structureSegmentation,
+                        outputTransformNode=p.outputTransform, outputVolumeNode=p.outputVolume,
+                        outputTableNode=run_steps.reusable_table_node(self._lastResult, p.fixedVolume,
+                                                                      p.movingVolume),
+                        progressCallback=self._progress, cancelRequested=self._cancelRequestedCallback)
+                except Cancelled:
+                    self.ui.statusLabel.text = "Cancelled: the scene is as it was before Apply."
+                    return
                 self._lastResult = result
                 self.showResults(result)
                 self.onShow("after")
@@ -275,6 +296,12 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._diagnostics.show_run(self.ui.diagnosticsTextEdit, diagnostics)
         self.showQualityCheck(result)
         self._setResultButtonsEnabled(True)
+        structure_nodes.fill_selector(self.ui.showMovingUnderComboBox, result)
+
+    def onShowMovingUnder(self, index):
+        """The per-structure selector: the moving volume under the global or one structure's transform."""
+        if self._lastResult is not None and index >= 0:
+            structure_nodes.show_choice(self._lastResult, self._parameterNode.movingVolume, index)
 
     # -- quality check section (result_panel: verdict line, metrics table, thumbnails, report buttons)
     def clearQualityCheck(self):
@@ -290,6 +317,13 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onOpenReportFolder(self):
         if self._lastResult is not None and self._lastResult.reportDirectory:
             result_panel.open_local_file(self._lastResult.reportDirectory)
+
+    def onShowTemporaryFolder(self):
+        folder = self._lastResult.temporaryDirectory if self._lastResult is not None else None
+        result_panel.open_local_file(folder or self.logic.temporaryRootDirectory())
+
+    def onCopyReproduce(self):
+        slicer.app.clipboard().setText(self.ui.reproduceTextEdit.toPlainText())
 
     def _setResultButtonsEnabled(self, enabled):
         for button in (self.ui.showBeforeButton, self.ui.showAfterButton, self.ui.showCheckerboardButton):
@@ -308,14 +342,22 @@ class MultimodalPrealignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if volume is None:
             return
         self._setRunning(True)
+        # TotalSegmentator's Slicer API has no cancel: say so instead of offering a Cancel that does nothing.
+        self.ui.cancelButton.enabled = False
+        self.ui.cancelButton.toolTip = totalsegmentator.NOT_CANCELLABLE
         try:
             with slicer.util.tryWithErrorDisplay("TotalSegmentator failed.", waitCursor=True):
-                self.ui.statusLabel.text = f"Segmenting {volume.GetName()} with TotalSegmentator..."
-                slicer.app.processEvents()
-                segmentation = self.logic.segmentWithTotalSegmentator(volume)
+                self._segmentLog = totalsegmentator.PanelLog(self.ui.statusLabel, self.ui.progressBar,
+                                                             slicer.app.processEvents)
+                self._segmentLog(f"Segmenting {volume.GetName()} with TotalSegmentator "
+                                 f"({totalsegmentator.NOT_CANCELLABLE.lower()})...")
+                segmentation = self.logic.segmentWithTotalSegmentator(volume, logCallback=self._segmentLog)
                 setattr(p, f"{which}Segmentation", segmentation)  # fixedSegmentation or movingSegmentation
                 self.ui.statusLabel.text = f"Segmented {volume.GetName()} ({segmentation.GetName()})."
         finally:
+            self._segmentLog = None
+            self.ui.cancelButton.toolTip = "Stop at the next check point."
+            self.ui.progressBar.setRange(0, 100)
             self._setRunning(False)
 
 
@@ -330,75 +372,122 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         logic = slicer.util.getModuleLogic("MultimodalPrealign")
         result = logic.run(fixedVolumeNode, movingVolumeNode, engine="brainsfit", stages=["rigid", "affine"])
         print(result.verdict, result.verdictReasons, result.reportHtmlPath)
+        print(result.report["reproduce"]["slicer_python"])  # the code that reproduces this run
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
 
     def getParameterNode(self):
-        return MultimodalPrealignParameterNode(super().getParameterNode())
+        node = super().getParameterNode()
+        if node.GetParameter("engine") == "core":  # scenes saved before the engines took the command line's names
+            node.SetParameter("engine", "itk")
+        return MultimodalPrealignParameterNode(node)
 
-    def slicerServices(self, tempDir):
+    def slicerServices(self, tempDir, keepTemporaryFiles=False):
         """The Slicer objects the BRAINSFit/SlicerElastix path calls (``engine_run.SlicerServices``)."""
-        return engine_run.slicer_services(tempDir)
+        services = engine_run.slicer_services(tempDir)
+        services.keep_temporary_files = bool(keepTemporaryFiles)
+        return services
 
     def run(self, fixedVolumeNode, movingVolumeNode, fixedSegmentation=None, movingSegmentation=None,
-            prealign="auto", engine="brainsfit", coreEngine="itk", stages=("rigid", "affine"),
-            samplingPercentage=None, iterations=None, cropMarginMm=20.0, spacingScale=1.0, isotropic=True,
-            seed=0, outputTransformNode=None, outputVolumeNode=None, outputTableNode=None, reportDirectory=None,
-            writeReport=True, progressCallback=None, cancelRequested=None):
+            prealign="auto", engine="brainsfit", stages=("rigid", "affine"), samplingPercentage=None,
+            iterations=None, cropMarginMm=20.0, spacingScale=1.0, isotropic=True, seed=0, fallback=True,
+            keepTemporaryFiles=False, outputTransformNode=None, outputVolumeNode=None, outputTableNode=None,
+            reportDirectory=None, writeReport=True, progressCallback=None, cancelRequested=None, perStructure=(),
+            structureStages=("rigid",), structureThreshold=None, structureSegmentation=None):
         """Register ``movingVolumeNode`` to ``fixedVolumeNode``; returns a :class:`MultimodalPrealignResult`.
 
-        engine: 'brainsfit' (Slicer's BRAINSFit), 'elastix' (SlicerElastix) or 'core' (the built-in
-        SimpleITK/itk-elastix engines, ``coreEngine`` 'itk' or 'elastix'; works without extensions).
+        engine: the command line's names: 'itk' (the built-in SimpleITK engine, no extension needed), 'elastix'
+        (SlicerElastix; the built-in itk-elastix when that extension is not installed), 'brainsfit' (Slicer's
+        General Registration (BRAINS)). fallback: on a FAIL verdict retry from the pre-alignment's next candidate
+        (and with 'itk', the other engine). keepTemporaryFiles: keep the run's working folder (BRAINSFit's /
+        elastix's inputs, parameter files and logs); its path is ``result.temporaryDirectory``.
+        A re-run starts from the UNTRANSFORMED moving volume and replaces the result in the output transform
+        (without ``outputTransformNode``: the previous run's, when the moving volume still sits under it).
         Quality check: the metrics table goes into ``outputTableNode`` (a vtkMRMLTableNode, created when
         None); the pictures, report.html and report.json go into ``reportDirectory`` (default: a new folder
         under Slicer's temporary folder; it may hold only a previous run's outputs). ``writeReport=False``
         computes the verdict and the table only and writes no files.
-        Raises ValueError (InputError) with the cause and the fix for bad input.
+        Per-structure (docs/per_structure.md): ``perStructure`` ('femur, tibia' or 'all') registers each structure of
+        ``structureSegmentation`` (default ``fixedSegmentation``; segment names) or, with ``structureThreshold``, each
+        automatic bone, on its own after the global run (``structureStages``, rigid by default): one transform node per
+        structure in a subject hierarchy folder (``result.structureTransformNodes``), report.json ``structures``.
+        Raises ValueError (InputError) with the cause and the fix for bad input, ``Cancelled`` when
+        ``cancelRequested()`` turned True (the scene is then as before the call).
         """
-        python_requirements.ensure_python_requirements(need_elastix=(engine == "core" and coreEngine == "elastix"))
+        python_requirements.ensure_python_requirements(need_elastix=engine_run.needs_itk_elastix(engine, fallback))
         from MultimodalPrealignLib import pipeline
         from MultimodalPrealignLib.progress import Progress
 
+        settings = {name: value for name, value in locals().items() if name in RUN_SETTINGS}
+        outputTransformNode = outputTransformNode or run_steps.previous_result_node(movingVolumeNode)
         run_steps.check_inputs(fixedVolumeNode, movingVolumeNode, engine, outputTransformNode,
                                reportDirectory if writeReport else None)
         options = pipeline.PipelineOptions.create(
-            prealign=prealign, engine=coreEngine if engine == "core" else "itk", stages=tuple(stages),
-            sampling_percentage=samplingPercentage, iterations=iterations, seed=seed, crop_margin_mm=cropMarginMm,
-            spacing_scale=spacingScale, isotropic=isotropic).validate()
+            prealign=prealign, engine=engine, stages=tuple(stages), sampling_percentage=samplingPercentage,
+            iterations=iterations, seed=seed, crop_margin_mm=cropMarginMm, spacing_scale=spacingScale,
+            isotropic=isotropic, fallback=fallback).validate()
+        structureNames = structure_nodes.check_request(perStructure, structureStages, structureThreshold,
+                                                       structureSegmentation or fixedSegmentation)
         progress = Progress(progressCallback, cancelRequested)
         progress.report("load", 0.0, "reading volumes")
-        inputs = run_steps.read_inputs(fixedVolumeNode, movingVolumeNode, fixedSegmentation, movingSegmentation,
-                                       options)
-        tempDir = tempfile.mkdtemp(prefix="MultimodalPrealign-")
+        tempDir = tempfile.mkdtemp(prefix="MultimodalPrealign-", dir=self.temporaryRootDirectory())
         try:
-            result = self._register(inputs, options, engine, progress, tempDir)
-            outputTransformNode = run_steps.place_result(inputs, result.transform, outputTransformNode,
-                                                         outputVolumeNode, tempDir)
+            with run_steps.moving_nodes_untransformed(movingVolumeNode, movingSegmentation, outputTransformNode):
+                inputs = run_steps.read_inputs(fixedVolumeNode, movingVolumeNode, fixedSegmentation,
+                                               movingSegmentation, options)
+                result = self._register(inputs, options, engine, progress, tempDir, keepTemporaryFiles)
+                structure_nodes.set_options(options, structureNames, structureStages, structureThreshold)
+                if structureNames:
+                    structure_nodes.run_structures(inputs, result, structureNames, options,
+                                                   structureSegmentation or fixedSegmentation, movingSegmentation,
+                                                   progress)
+                progress.check_cancelled()  # the last point where a cancel leaves the scene untouched
+                outputTransformNode = run_steps.place_result(inputs, result.transform, outputTransformNode,
+                                                             outputVolumeNode, tempDir)
+                structureNodes = structure_nodes.place_structure_nodes(slicer.mrmlScene, inputs, result.structures,
+                                                                       tempDir) if structureNames else {}
         finally:
-            shutil.rmtree(tempDir, ignore_errors=True)
+            if not keepTemporaryFiles:
+                shutil.rmtree(tempDir, ignore_errors=True)
         result.report.setdefault("slicer", {}).update({"output_transform_node": outputTransformNode.GetID(),
                                                        "fixed_volume_node": fixedVolumeNode.GetID(),
-                                                       "moving_volume_node": movingVolumeNode.GetID()})
+                                                       "moving_volume_node": movingVolumeNode.GetID(),
+                                                       "temporary_directory": tempDir if keepTemporaryFiles else None})
+        run_steps.record_reproduction(result.report, inputs, options, settings, self.run)
         # The result is in place now: the quality check runs to its end (no cancellation point).
         outputs = run_steps.check_quality(inputs, result, outputTableNode, reportDirectory, self.reportRootDirectory,
                                           writeReport, progressCallback or (lambda stage, fraction, message: None))
-        return MultimodalPrealignResult(outputTransformNode, result.report, list(result.warnings), result.transform,
-                                        outputVolumeNode, tableNode=outputs["table_node"],
-                                        reportDirectory=outputs["directory"], reportHtmlPath=outputs["html"],
-                                        pictures=outputs["pictures"])
+        runResult = MultimodalPrealignResult(outputTransformNode, result.report, list(result.warnings),
+                                             result.transform, outputVolumeNode, tableNode=outputs["table_node"],
+                                             reportDirectory=outputs["directory"], reportHtmlPath=outputs["html"],
+                                             pictures=outputs["pictures"],
+                                             temporaryDirectory=tempDir if keepTemporaryFiles else None)
+        runResult.structureTransformNodes = structureNodes  # {structure name: transform node} (per-structure)
+        return runResult
 
-    def _register(self, inputs, options, engine, progress, tempDir):
-        """The core's pipeline: with its own engines ('core'), or with CropVolume + BRAINSFit/SlicerElastix."""
+    def _register(self, inputs, options, engine, progress, tempDir, keepTemporaryFiles=False):
+        """The core's pipeline with its own engines ('itk', or 'elastix' without SlicerElastix), or with
+        CropVolume + Slicer's BRAINSFit / SlicerElastix."""
         from MultimodalPrealignLib import pipeline
 
-        if engine == "core":
-            return pipeline.run_pipeline(inputs.fixed, inputs.moving, options, inputs.fixed_labels,
-                                         inputs.moving_labels, progress)
-        run = engine_run.SlicerToolsRun(self.slicerServices(tempDir), engine, inputs.fixed_node, inputs.moving_node)
+        services = self.slicerServices(tempDir, keepTemporaryFiles) if engine != "itk" else None
+        if not engine_run.runs_in_slicer_tools(engine, services):
+            result = pipeline.run_pipeline(inputs.fixed, inputs.moving, options, inputs.fixed_labels,
+                                           inputs.moving_labels, progress)
+            if engine == "elastix":
+                result.report["registration"]["tool"] = "itk-elastix (the SlicerElastix extension is not installed)"
+            return result
+        run = engine_run.SlicerToolsRun(services, engine, inputs.fixed_node, inputs.moving_node)
         return engine_run.run_pipeline_with_slicer_tools(inputs.fixed, inputs.moving, options, run,
                                                          inputs.fixed_labels, inputs.moving_labels, progress)
+
+    def temporaryRootDirectory(self):
+        """Where each run's working folder is made (and kept with keepTemporaryFiles): Slicer's temporary folder."""
+        root = os.path.join(slicer.app.temporaryPath, "MultimodalPrealign")
+        os.makedirs(root, exist_ok=True)
+        return root
 
     def reportRootDirectory(self):
         """Where per-run report folders go by default: Slicer's temporary folder."""
@@ -408,9 +497,12 @@ class MultimodalPrealignLogic(ScriptedLoadableModuleLogic):
         """``diagnose.diagnose_pair`` of two volume nodes with the headers trusted (no pre-alignment): ~1 s."""
         return pair_diagnostics.pair_diagnostics(fixedVolumeNode, movingVolumeNode)
 
-    def segmentWithTotalSegmentator(self, volumeNode, fast=False, cpu=False):
-        """Run TotalSegmentator (task 'total' for CT, 'total_mr' for MR) non-interactively; returns the segmentation."""
-        return totalsegmentator.segment_volume(volumeNode, fast=fast, cpu=cpu)
+    def segmentWithTotalSegmentator(self, volumeNode, fast=False, cpu=False, logCallback=None):
+        """Run TotalSegmentator (task 'total' for CT, 'total_mr' for MR) non-interactively; returns the segmentation.
+
+        ``logCallback(text)`` receives its log lines (the panel shows them and keeps the GUI alive); it cannot be
+        cancelled once started (its Slicer API has no cancel)."""
+        return totalsegmentator.segment_volume(volumeNode, fast=fast, cpu=cpu, log=logCallback)
 
     def showInSliceViews(self, fixedVolumeNode, movingVolumeNode, transformNode, what="after"):
         """'before'/'after': fusion (moving over fixed, 50%) without/with the result transform;
@@ -449,16 +541,16 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
         self.assertLess(placedErrorMm, limitMm + 1.0)
 
     def test_console_api_core_engine(self):
-        self.delayDisplay("Core engine through the console API")
+        self.delayDisplay("Built-in itk engine through the console API")
         pair, fixed, moving = self._pair()
-        result = MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"])
+        result = MultimodalPrealignLogic().run(fixed, moving, engine="itk", prealign="moments", stages=["rigid"])
         self.assertIn("metrics", result.report)
         self._checkAccuracy(pair, result, moving)
         self.assertIn(result.verdict, ("PASS", "WARN", "FAIL"))
         self.assertGreater(result.tableNode.GetNumberOfRows(), 3)
         self.assertTrue(os.path.isfile(result.reportHtmlPath))
         self.assertTrue(result.pictures and all(os.path.isfile(path) for path in result.pictures.values()))
-        self.delayDisplay("Core engine passed")
+        self.delayDisplay("Built-in itk engine passed")
 
     def test_brainsfit_engine(self):
         self.delayDisplay("CropVolume + BRAINSFit")
@@ -480,7 +572,7 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
         userTransform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "user")
         fixed.SetAndObserveTransformNodeID(userTransform.GetID())
         with self.assertRaises(ValueError):
-            MultimodalPrealignLogic().run(fixed, moving, engine="core")
+            MultimodalPrealignLogic().run(fixed, moving, engine="itk")
 
     def test_widget_parameter_node(self):
         pair, fixed, moving = self._pair()
@@ -490,7 +582,7 @@ class MultimodalPrealignTest(ScriptedLoadableModuleTest):
         widget._parameterNode.movingVolume = moving
         self.assertTrue(widget.ui.applyButton.enabled)
         self.assertIn("Pair diagnostics", widget.ui.diagnosticsTextEdit.toPlainText())
-        result = MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"])
+        result = MultimodalPrealignLogic().run(fixed, moving, engine="itk", prealign="moments", stages=["rigid"])
         widget._lastResult = result
         widget.showResults(result)
         self.assertIn(result.verdict, widget.ui.verdictLabel.text)

@@ -16,7 +16,7 @@ import pytest
 CORE = Path(__file__).resolve().parents[1] / "MultimodalPrealign" / "MultimodalPrealignLib"
 PACKAGE = "MultimodalPrealignLib"
 LAYERS = {
-    "": 0, "errors": 0, "progress": 0, "resource_files": 0,
+    "": 0, "errors": 0, "progress": 0, "resource_files": 0, "stopping": 0,
     "geometry": 1,
     "io": 2, "synthetic": 2,
     "diagnose": 3,
@@ -24,8 +24,8 @@ LAYERS = {
     "crop": 5,
     "engines": 6,
     "qa": 7,
-    "pipeline": 8,
-    "cli": 9, "__main__": 9,
+    "pipeline": 8, "structures": 8,
+    "cli": 9, "__main__": 9, "batch": 9,
     "slicer": 10,
 }
 SLICER_PACKAGES = ("slicer", "qt", "vtk", "ctk", "mrml", "vtkAddon")

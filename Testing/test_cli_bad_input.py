@@ -187,3 +187,47 @@ def test_landmark_csv_without_coordinate_system(capsys, good_pair, tmp_path):
     code, err = _run(capsys, *_register(good_pair[0], good_pair[1], tmp_path / "out", "--landmarks", str(csv)))
     _assert_one_line_error(code, err, "points.csv")
     assert not (tmp_path / "out").exists()
+
+
+def _labels_like(image: sitk.Image, value: int) -> sitk.Image:
+    array = (sitk.GetArrayFromImage(image) > 50).astype(np.uint8) * value
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    return labels
+
+
+def test_empty_label_map_names_the_cause_not_the_task_option(capsys, good_pair, tmp_path):
+    """Before: 'Cannot tell the TotalSegmentator task of the fixed label map (the label map is empty). Fix: pass
+    --fixed-labels-task' (no task makes an empty label map usable)."""
+    empty, labels = tmp_path / "empty_labels.nrrd", tmp_path / "labels.nrrd"
+    sitk.WriteImage(_labels_like(_blob(), 0), str(empty))
+    sitk.WriteImage(_labels_like(_blob(seed=1, origin=(3.0, -2.0, 1.0)), 5), str(labels))
+    code, err = _run(capsys, *_register(good_pair[0], good_pair[1], tmp_path / "out", "--fixed-labels", str(empty),
+                                        "--moving-labels", str(labels)))
+    _assert_one_line_error(code, err, "fixed label map", "empty")
+    assert "labels-task" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lone_fixed_label_map_is_not_silently_ignored(capsys, good_pair, tmp_path, monkeypatch):
+    """Before: --fixed-labels without --moving-labels was read and then not used, without a word."""
+    from types import SimpleNamespace
+
+    from MultimodalPrealignLib import pipeline
+
+    labels = tmp_path / "labels.nrrd"
+    sitk.WriteImage(_labels_like(_blob(), 5), str(labels))
+    given = {}
+
+    def stand_in(*args, **kwargs):  # the run itself is not the point here
+        given["labels"] = args[4:6]
+        return SimpleNamespace(report={"verdict": "PASS"})
+
+    monkeypatch.setattr(pipeline, "register_files", stand_in)
+    monkeypatch.setattr(cli, "_summary", lambda result, out: "verdict: PASS")
+    code = cli.main(_register(good_pair[0], good_pair[1], tmp_path / "out", "--fixed-labels", str(labels)))
+    out = capsys.readouterr().out
+    assert code == 0 and given["labels"][0] is not None
+    note = next((line for line in out.splitlines() if "--fixed-labels" in line), "")
+    assert "--moving-labels" in note and "not used" in note and "'search'" in note, out
+    assert cli.lone_label_map_note(labels, labels, "auto") is None  # both given: nothing to say

@@ -311,7 +311,7 @@ def test_cli_inspect_dicom_text_and_json(tmp_path, capsys):
     del positions[3]
     write_series(bad, positions)
     args = _parse(["inspect-dicom", str(bad), "--json"])
-    assert args.handler(args) == 1
+    assert args.handler(args) == 2  # a documented code: bad input (it was 1, undocumented)
     report = json.loads(capsys.readouterr().out)
     assert report["selection"]["usable"] is False
     codes = [f["code"] for f in report["series"][0]["volumes"][0]["findings"]]
@@ -327,7 +327,7 @@ def test_installed_cli_inspect_dicom_and_refusal_exit_codes(tmp_path):
     write_series(folder, axial_positions(ORIGIN, 2.5, 8), orientation=(1, 0, 0, 0, math.cos(t), math.sin(t)))
     command = [sys.executable, "-m", "MultimodalPrealignLib.cli"]
     result = subprocess.run([*command, "inspect-dicom", str(folder)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "gantry tilt 12.00 degrees" in result.stdout and "REFUSED" in result.stdout
     # register refuses the same folder as bad input (exit 2) with the reason on one line.
     result = subprocess.run([*command, "register", "--fixed", str(folder), "--moving", str(folder),

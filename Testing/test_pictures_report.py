@@ -81,7 +81,7 @@ def test_pictures_before_and_after_with_outlines(report_dir):
     out, report, result = report_dir
     assert result["verdict"] == "PASS"
     expected = {f"{kind}_{stage}" for kind in ("fusion", "checkerboard", "edges", "outlines")
-                for stage in ("before", "after")}
+                for stage in ("header", "before", "after")}
     assert set(result["pictures"]) == expected
     for name in result["pictures"].values():
         image = Image.open(out / name)
@@ -116,7 +116,7 @@ def test_report_html_is_self_contained_and_starts_with_the_verdict(report_dir):
     assert text.index('id="verdict"') < text.index("<h2>Pictures")
     assert 'data-verdict="PASS"' in text
     images = re.findall(r'<img[^>]+src="([^"]+)"', text)
-    assert len(images) == len(result["pictures"]) == 8
+    assert len(images) == len(result["pictures"]) == 12  # 4 kinds x 3 states (headers, pre-alignment, registration)
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -130,7 +130,7 @@ def test_report_only_rebuilds_html_from_report_json(report_dir, tmp_path):
     out, _, _ = report_dir
     (out / "report.html").unlink()
     html = reporting.rewrite_report_html(out)
-    assert html.is_file() and html.read_text().count("data:image/png;base64,") == 8
+    assert html.is_file() and html.read_text().count("data:image/png;base64,") == 12
 
 
 def test_fail_report_shows_reasons_first(tmp_path):

@@ -39,6 +39,7 @@ def test_qa_report_on_cli_output(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "PASS", report["verdict_reasons"]
     assert report["metrics"]["after"]["nmi"] > report["metrics"]["before"]["nmi"]
-    assert html.is_file() and html.read_text().count("data:image/png;base64,") == 6  # no labels: no outlines
+    # no labels: no outlines; 3 kinds x 3 states (as the headers place them, after pre-alignment, after registration)
+    assert html.is_file() and html.read_text().count("data:image/png;base64,") == 9
     assert all((out / p).is_file() for p in report["pictures"].values())
     assert np.isfinite(report["metrics"]["probes"]["best_turn"]["relative_gain"])

@@ -1,17 +1,15 @@
 """MultimodalPrealignLogic (the module's console API) run against the real slicer-core scene.
 
-The module file imports Qt and Slicer's scripted-module base classes, which need the Slicer application.
-Named doubles stand in for exactly those (``qt``, ``slicer.ScriptedLoadableModule``,
-``slicer.parameterNodeWrapper``, ``slicer.app``); everything MRML is the real wheel, and the core runs
-for real. BRAINSFit and CropVolume's interpolated crop are the doubles from test_slicer_tools.
+The module file is imported over Slicer's own ``slicer.parameterNodeWrapper`` and ``slicer.ScriptedLoadableModule``
+(Slicer 5.8.1, vendored in ../shared/vendor); only the application's Qt/CTK part and ``slicer.app`` are stood in
+for (slicer_app_stand_ins). Everything MRML is the real wheel, and the core runs for real. BRAINSFit and
+CropVolume's interpolated crop are the doubles from test_slicer_tools.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ import pytest
 import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed")
+
+from slicer_app_stand_ins import ModulePanelStandIn, load_module
 
 from MultimodalPrealignLib.geometry import (
     image_space,
@@ -38,60 +38,13 @@ from MultimodalPrealignLib.synthetic import phantoms
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fake_slicer_app_modules() -> dict:
-    """Stand-ins for the parts of Slicer that exist only in the application (Qt, module base classes)."""
-    qt = types.ModuleType("qt")
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:  # FakeScriptedLoadableModule
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:  # FakeScriptedLoadableModuleLogic
-        def __init__(self):
-            pass
-
-    class ScriptedLoadableModuleWidget:  # FakeScriptedLoadableModuleWidget
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleTest:  # FakeScriptedLoadableModuleTest
-        pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget,
-                ScriptedLoadableModuleTest):
-        setattr(scripted, cls.__name__, cls)
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls  # FakeParameterNodeWrapper: annotations only
-    wrapper.Choice = lambda choices: ("Choice", tuple(choices))
-    wrapper.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
-
-    class FakeSlicerApp:
-        temporaryPath = None  # set per test to a pytest tmp folder
-
-        def connect(self, *args):
-            pass
-
-    return {"qt": qt, "slicer.ScriptedLoadableModule": scripted, "slicer.parameterNodeWrapper": wrapper,
-            "app": FakeSlicerApp()}
-
-
 @pytest.fixture()
 def module(monkeypatch, tmp_path):
-    fakes = fake_slicer_app_modules()
-    fakes["app"].temporaryPath = str(tmp_path / "slicer-temp")
-    monkeypatch.setitem(sys.modules, "qt", fakes["qt"])
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", fakes["slicer.ScriptedLoadableModule"])
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", fakes["slicer.parameterNodeWrapper"])
-    monkeypatch.setattr(slicer, "app", fakes["app"], raising=False)
-    scene = slicer.vtkMRMLScene()
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    monkeypatch.syspath_prepend(str(REPO / "MultimodalPrealign"))
-    monkeypatch.delitem(sys.modules, "MultimodalPrealign", raising=False)
-    mod = importlib.import_module("MultimodalPrealign")
+    """MultimodalPrealign.py imported over Slicer's own parameterNodeWrapper and ScriptedLoadableModule, with a
+    fresh real scene as ``slicer.mrmlScene`` (slicer_app_stand_ins; only the application's Qt part stood in for)."""
+    mod = load_module(monkeypatch, tmp_path)
     yield mod
-    sys.modules.pop("MultimodalPrealign", None)
-    scene.Clear(1)
+    slicer.mrmlScene.Clear(1)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +104,7 @@ def test_console_run_with_core_engine(module, pair, tmp_path):
     output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
     seen = []
     result = module.MultimodalPrealignLogic().run(
-        fixed, moving, engine="core", prealign="moments", stages=["rigid"], iterations=200,
+        fixed, moving, engine="itk", prealign="moments", stages=["rigid"], iterations=200,
         outputVolumeNode=output, progressCallback=lambda stage, fraction, message: seen.append(stage))
     check_result(pair, result, moving)
     assert result.report["registration"]["engine"] == "itk"
@@ -168,7 +121,7 @@ def test_console_run_with_core_engine(module, pair, tmp_path):
     assert result.tableNode.GetName() == "MR to CT quality check"
     # Running again on the moving volume that now sits under our own output transform is allowed; the table
     # node and a given report folder holding only our outputs are reused (rows replaced, not appended).
-    again = module.MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"],
+    again = module.MultimodalPrealignLogic().run(fixed, moving, engine="itk", prealign="moments", stages=["rigid"],
                                                  iterations=200, outputTransformNode=result.outputTransformNode,
                                                  outputTableNode=result.tableNode, reportDirectory=report_dir)
     assert again.outputTransformNode.GetID() == result.outputTransformNode.GetID()
@@ -178,14 +131,19 @@ def test_console_run_with_core_engine(module, pair, tmp_path):
 
 
 def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
-    from test_slicer_tools import FakeBRAINSFitCLI, FakeCropVolumeLogic
+    """The REAL BRAINSFit through a stand-in for Slicer's CLI machinery (slicer_cli_double), CropVolume stood in."""
+    from brainsfit_helpers import brainsfit_executable
+    from slicer_cli_double import SlicerCLIDouble
+    from test_slicer_tools import FakeCropVolumeLogic
 
     fixed, moving = add_pair(pair)
-    brainsfit = FakeBRAINSFitCLI(slicer.mrmlScene)
+    cli = SlicerCLIDouble(slicer.mrmlScene, brainsfit_executable(), work_dir=tmp_path / "cli")
 
-    def services(self, temp_dir):
+    def services(self, temp_dir, keep_temporary_files=False):
         return engine_run.SlicerServices(scene=slicer.mrmlScene, crop_logic=FakeCropVolumeLogic(), temp_dir=temp_dir,
-                                         run_sync=brainsfit, brainsfit_module="brainsfit-module")
+                                         run_cli=cli.run, brainsfit_module=cli.module,
+                                         process_events=cli.process_events,
+                                         keep_temporary_files=keep_temporary_files)
 
     monkeypatch.setattr(module.MultimodalPrealignLogic, "slicerServices", services)
     result = module.MultimodalPrealignLogic().run(fixed, moving, engine="brainsfit", prealign="moments",
@@ -193,14 +151,17 @@ def test_console_run_with_brainsfit_engine(module, pair, monkeypatch, tmp_path):
                                                   writeReport=False)
     check_result(pair, result, moving)
     assert result.report["registration"]["engine"] == "brainsfit"
-    assert brainsfit.parameters[0]["samplingPercentage"] == 0.05
+    arguments = cli.runs[0].args
+    # the override, raised only where the working grid is too small for enough samples (as the itk engine does)
+    assert float(arguments[arguments.index("--samplingPercentage") + 1]) >= 0.05
     # writeReport=False: verdict and table node only, no files anywhere.
     from MultimodalPrealignLib.qa import tables
 
     assert result.verdict in ("PASS", "WARN", "FAIL")
     assert table_cells(result.tableNode) == tables.metrics_table(result.report)[1]
     assert (result.reportDirectory, result.reportHtmlPath, result.pictures) == (None, None, {})
-    assert not (Path(slicer.app.temporaryPath) / "MultimodalPrealign").exists()
+    root = Path(slicer.app.temporaryPath) / "MultimodalPrealign"  # the run's working folder is gone too
+    assert not root.exists() or not any(root.iterdir())
 
 
 def test_console_run_rejects_bad_input_with_value_error(module, pair):
@@ -211,11 +172,11 @@ def test_console_run_rejects_bad_input_with_value_error(module, pair):
     with pytest.raises(ValueError, match="Unknown engine 'ants'"):
         logic.run(fixed, moving, engine="ants")
     with pytest.raises(ValueError, match="Unknown stage"):
-        logic.run(fixed, moving, engine="core", stages=["warp"])
+        logic.run(fixed, moving, engine="itk", stages=["warp"])
     user = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "user")
     fixed.SetAndObserveTransformNodeID(user.GetID())
     with pytest.raises(ValueError, match="Harden"):
-        logic.run(fixed, moving, engine="core")
+        logic.run(fixed, moving, engine="itk")
 
 
 def segmentation_from_labels(labels: sitk.Image, volume_node, task: str, names: list):
@@ -258,7 +219,7 @@ def test_report_folder_holding_other_files_is_refused_before_anything_is_written
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="already holds other files.*Fix:"):
-        module.MultimodalPrealignLogic().run(fixed, moving, engine="core", prealign="moments", stages=["rigid"],
+        module.MultimodalPrealignLogic().run(fixed, moving, engine="itk", prealign="moments", stages=["rigid"],
                                              iterations=20, reportDirectory=folder)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -424,8 +385,13 @@ class FakePanel:
         self.diagnostics_text = ""
         self.diagnosticsTextEdit = self.Widget(setPlainText=lambda text: setattr(self, "diagnostics_text", text),
                                                toPlainText=lambda: self.diagnostics_text)
-        for name in ("showBeforeButton", "showAfterButton", "showCheckerboardButton"):
+        for name in ("showBeforeButton", "showAfterButton", "showCheckerboardButton", "copyReproduceButton"):
             setattr(self, name, self.Widget(enabled=False))
+        self.reproduce_text = ""
+        self.showMovingUnderComboBox = self.Widget(clear=lambda: None, addItem=lambda *a: None, enabled=False,
+                                                   blockSignals=lambda value: None)
+        self.reproduceTextEdit = self.Widget(setPlainText=lambda text: setattr(self, "reproduce_text", text),
+                                             toPlainText=lambda: self.reproduce_text)
 
 
 @pytest.fixture()
@@ -437,7 +403,9 @@ def panel(module, monkeypatch):
         monkeypatch.setattr(sys.modules["qt"], name, fake, raising=False)  # the stand-in ``qt`` of ``module``
     monkeypatch.setattr(slicer.app, "processEvents", lambda: None, raising=False)
     FakeQDesktopServices.opened = []
-    widget = module.MultimodalPrealignWidget()
+    # As Slicer does: the widget gets the module panel as parent (with no parent, Slicer's base class would make a
+    # Qt widget and run setup(), which loads the .ui).
+    widget = module.MultimodalPrealignWidget(ModulePanelStandIn())
     widget.ui = FakePanel()
     widget.logic = module.MultimodalPrealignLogic()
     return widget
@@ -454,6 +422,9 @@ def quick_result(module, pair, tmp_path, fallback_note=False):
               "diagnostics": diagnose.diagnose_pair(pair.fixed, pair.moving, pair.fixed_to_moving, "given"),
               "verdict_reasons": ["NOTE: automatic fallback: attempt 2 was used"] if fallback_note else [],
               "slicer": {"fixed_volume_node": fixed_node.GetID(), "moving_volume_node": moving_node.GetID()}}
+    from MultimodalPrealignLib.pipeline import reproduce
+
+    reproduce.record(report, None, reproduce.slicer_python("CT", "MR", {"engine": "itk"}, {"engine": "brainsfit"}))
     outputs = quality_check.write_quality_check(report, tmp_path / "run", pair.fixed, pair.moving,
                                                 transforms.identity(), pair.fixed_to_moving)
     table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "quality")
@@ -481,8 +452,9 @@ def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pai
     # One thumbnail per picture: row = kind, column 0 = before, 1 = after; at most THUMBNAIL_PIXELS wide/high.
     cells = ui.picturesWidget.layout().cells
     assert len(cells) == len(result.pictures) == len(panel._pictureButtons)
-    assert {button.text for button in cells.values()} >= {"Fusion: before", "Fusion: after"}
-    assert all(column in (0, 1) for _, column in cells)
+    texts = {button.text for button in cells.values()}
+    assert "Fusion: after" in texts and len([t for t in texts if t.startswith("Fusion:")]) >= 2
+    assert all(column in (0, 1, 2) for _, column in cells)  # before, after, as the headers place them
     for button in cells.values():
         size = button.iconSize
         assert max(size.width(), size.height()) == result_panel.THUMBNAIL_PIXELS
@@ -490,6 +462,9 @@ def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pai
     fusion_after.click()
     assert FakeQDesktopServices.opened[-1] == f"file://{result.pictures['fusion_after']}"
     assert ui.openReportButton.enabled and ui.openReportFolderButton.enabled
+    # The code behind the run: the console code (and the command line when the volumes came from files).
+    assert ui.reproduce_text.startswith("# Python console") and "logic.run(fixed, moving" in ui.reproduce_text
+    assert ui.reproduce_text == result_panel.reproduce_text(result.reproduce) and ui.copyReproduceButton.enabled
     panel.onOpenReport()
     panel.onOpenReportFolder()
     assert FakeQDesktopServices.opened[-2:] == [f"file://{result.reportHtmlPath}", f"file://{result.reportDirectory}"]
@@ -503,6 +478,7 @@ def test_panel_shows_verdict_table_thumbnails_and_opens_files(module, panel, pai
     assert len(ui.picturesWidget.layout().cells) == len(result.pictures)
     panel.clearQualityCheck()
     assert ui.picturesWidget.layout().cells == {} and ui.shown_table is None
+    assert ui.reproduce_text == "" and not ui.copyReproduceButton.enabled
 
 
 def test_panel_diagnostics_appear_once_per_pair(module, panel, pair, monkeypatch):

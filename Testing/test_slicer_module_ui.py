@@ -129,6 +129,8 @@ def test_widget_classes_fit_the_field_types(tree, ui):
             assert cls == "QComboBox", (field, cls)
         elif annotation == "bool":
             assert cls == "QCheckBox", (field, cls)
+        elif annotation == "str":
+            assert cls == "QLineEdit", (field, cls)
         elif "float" in annotation:
             assert cls in ("QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox"), (field, cls)
         elif "int" in annotation:
@@ -199,7 +201,10 @@ def test_choices_match_the_core(tree):
     assert methods[0] == "auto"
     engines = module_constant(tree, "ENGINES")
     assert "SLICER_ENGINES" in ast.unparse(engines)
-    assert set(engine_run.SLICER_ENGINES) == {"brainsfit", "elastix", "core"}
+    from MultimodalPrealignLib import engines as core_engines
+
+    # One vocabulary: the panel's engine names are the command line's --engine names.
+    assert set(engine_run.SLICER_ENGINES) == set(core_engines.ENGINES) == {"itk", "elastix", "brainsfit"}
 
 
 def test_module_metadata_and_test_class(tree):

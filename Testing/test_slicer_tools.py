@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from MultimodalPrealignLib.engines import elastix_engine
 from MultimodalPrealignLib.engines.elastix_engine import parse_parameter_text
-from MultimodalPrealignLib.errors import Cancelled, InputError, RegistrationError
+from MultimodalPrealignLib.errors import InputError, RegistrationError
 from MultimodalPrealignLib.geometry import transforms
 from MultimodalPrealignLib.slicer import (
     brainsfit,
@@ -36,7 +37,7 @@ BRAINSFIT_XML_NAMES = {
     "useComposite", "samplingPercentage", "numberOfSamples", "splineGridSize", "numberOfIterations",
     "maskProcessingMode", "fixedBinaryVolume", "movingBinaryVolume", "costMetric", "numberOfHistogramBins",
     "transformType", "outputTransform", "minimumStepLength", "maximumStepLength", "translationScale",
-    "interpolationMode", "backgroundFillValue", "histogramMatch", "logFileReport",
+    "interpolationMode", "backgroundFillValue", "histogramMatch", "logFileReport", "numberOfThreads",
 }
 BRAINSFIT_ENUMS = {"initializeTransformMode": {"Off", "useMomentsAlign", "useCenterOfHeadAlign", "useGeometryAlign",
                                                "useCenterOfROIAlign"},
@@ -56,7 +57,7 @@ def check_brainsfit_names(params: dict) -> None:
 def test_brainsfit_parameters_linear_stages():
     params = brainsfit.brainsfit_parameters("vtkMRMLScalarVolumeNode1", "vtkMRMLScalarVolumeNode2",
                                             "vtkMRMLLinearTransformNode3", ("rigid", "affine"),
-                                            initial_transform_id="vtkMRMLLinearTransformNode4",
+                                            initial_transform="vtkMRMLLinearTransformNode4",
                                             sampling_percentage=0.01, iterations=300)
     check_brainsfit_names(params)
     assert params["useRigid"] and params["useAffine"] and "useBSpline" not in params
@@ -69,7 +70,7 @@ def test_brainsfit_parameters_linear_stages():
 
 def test_brainsfit_parameters_bspline_masks_and_defaults():
     params = brainsfit.brainsfit_parameters("f", "m", "out", ("rigid", "affine", "bspline"),
-                                            fixed_mask_id="fm", moving_mask_id="mm", spline_grid_size=(5, 5, 4))
+                                            fixed_mask="fm", moving_mask="mm", spline_grid_size=(5, 5, 4))
     check_brainsfit_names(params)
     assert params["bsplineTransform"] == "out" and "linearTransform" not in params
     assert params["maskProcessingMode"] == "ROI"
@@ -94,7 +95,7 @@ def test_brainsfit_parameters_refuse_bad_overrides():
 
 
 class FakeCLINode:
-    """Stands in for a vtkMRMLCommandLineModuleNode after ``slicer.cli.runSync`` (no CLI modules here)."""
+    """Stands in for a finished vtkMRMLCommandLineModuleNode (no CLI modules here; slicer_cli_double has a live one)."""
 
     Completed = 0x20
     CompletedWithErrors = Completed | 0x40
@@ -122,33 +123,34 @@ OVERLAP_ERROR = ("itk::ExceptionObject (0x55)\nLocation: MattesMutualInformation
 
 
 def test_brainsfit_overlap_failure_becomes_cause_and_fix():
-    def run_sync(module, node, params):
+    def run_cli(module, node, params, wait_for_completion=False):
         return FakeCLINode(FakeCLINode.CompletedWithErrors, error_text=OVERLAP_ERROR)
 
     with pytest.raises(RegistrationError) as info:
-        brainsfit.run_brainsfit(run_sync, "brainsfit", {"fixedVolume": "f"})
+        brainsfit.run_brainsfit(run_cli, "brainsfit", {"fixedVolume": "f"})
     text = str(info.value)
     assert "lost the overlap" in text and "Fix:" in text and "search" in text
     assert "\n" not in text
 
 
 def test_brainsfit_unknown_failure_keeps_its_last_error_line():
-    def run_sync(module, node, params):
+    def run_cli(module, node, params, wait_for_completion=False):
         return FakeCLINode(FakeCLINode.CompletedWithErrors,
                            error_text="reading input\nERROR: could not open fixed volume /tmp/x.nrrd\n")
 
     with pytest.raises(RegistrationError, match="BRAINSFit failed: ERROR: could not open fixed volume"):
-        brainsfit.run_brainsfit(run_sync, "brainsfit", {})
+        brainsfit.run_brainsfit(run_cli, "brainsfit", {})
 
 
-def test_brainsfit_runsync_exception_is_translated_and_success_returns_node():
-    def raising(module, node, params):
+def test_brainsfit_cli_exception_is_translated_and_success_returns_its_output():
+    def raising(module, node, params, wait_for_completion=False):
         raise ValueError("CLI execution failed: All samples map outside moving image buffer")
 
     with pytest.raises(RegistrationError, match="lost the overlap"):
         brainsfit.run_brainsfit(raising, "brainsfit", {})
     ok = FakeCLINode(output_text="done")
-    assert brainsfit.run_brainsfit(lambda m, n, p: ok, "brainsfit", {}) is ok
+    run = brainsfit.run_brainsfit(lambda m, n, p, wait_for_completion=False: ok, "brainsfit", {})
+    assert (run.status, run.output_text) == ("Completed", "done")
 
 
 # ------------------------------------------------------------------------------------------------ elastix
@@ -189,7 +191,7 @@ def test_elastix_parameter_files_are_read_by_elastix_itself(tmp_path):
 
 
 def test_format_parameter_map_quotes_strings_only():
-    text = elastix.format_parameter_map({"Transform": ["EulerTransform"], "NumberOfResolutions": ["3"],
+    text = elastix_engine.format_parameter_map({"Transform": ["EulerTransform"], "NumberOfResolutions": ["3"],
                                          "GridSpacing": ["10.5", "10.5", "10.5"]})
     assert '(Transform "EulerTransform")' in text
     assert "(NumberOfResolutions 3)" in text and "(GridSpacing 10.5 10.5 10.5)" in text
@@ -249,13 +251,6 @@ def test_run_elastix_too_old_slicerelastix_says_update():
     with pytest.raises(InputError, match="too old.*update SlicerElastix"):
         elastix.run_elastix(FakeElastixLogic(old_signature=True), "f", "m", ["/a.txt"], "out",
                             initial_transform_node="init")
-
-
-def test_run_elastix_cancel_is_reported():
-    logic = FakeElastixLogic()
-    logic.cancelRequested = True
-    with pytest.raises(Cancelled):
-        elastix.run_elastix(logic, "f", "m", ["/a.txt"], "out")
 
 
 # ----------------------------------------------------------------------------------------- TotalSegmentator
@@ -351,7 +346,7 @@ def test_picture_entries_grid_before_left_after_right(tmp_path):
                     ("fusion_before", 2, 0), ("fusion_after", 2, 1), ("custom_after", 3, 1)]
     assert all(os.path.isabs(e["path"]) and os.path.isfile(e["path"]) for e in entries)
     assert entries[0]["title"] == "Structure outlines: before"
-    assert "BEFORE registration" in entries[0]["tooltip"] and "Click to open" in entries[0]["tooltip"]
+    assert "before registration" in entries[0]["tooltip"] and "Click to open" in entries[0]["tooltip"]
     assert result_panel.picture_entries({}, tmp_path) == []
 
 
@@ -456,16 +451,21 @@ from MultimodalPrealignLib.pipeline import PipelineOptions
 from MultimodalPrealignLib.slicer import mrml_bridge
 from MultimodalPrealignLib.synthetic import phantoms
 
+vtk = pytest.importorskip("vtk", reason="slicer-core's vtk is needed for the CropVolume stand-in")
+
 
 class FakeCropVolumeLogic:
     """Stands in for CropVolume's interpolated crop, which needs Slicer's resampling CLI (absent from the wheel).
 
     Same geometry rules as vtkSlicerCropVolumeLogic: output grid aligned with the ROI (world axes), spacing
-    min(input) x scale when isotropic, linear interpolation, fill value outside.
+    min(input) x scale when isotropic, linear interpolation, fill value outside, and the input resampled
+    THROUGH its parent transform (CropInterpolated passes it to the resampling CLI as transformationFile).
+    ``parents_seen``: the input volume's parent transform node ID at each call (None when untransformed).
     """
 
     def __init__(self):
         self.parameter_nodes = []
+        self.parents_seen = []
 
     def Apply(self, pnode):
         self.parameter_nodes.append(pnode)
@@ -478,13 +478,23 @@ class FakeCropVolumeLogic:
         if pnode.GetIsotropicResampling():
             spacing = np.full(3, min(source.GetSpacing()) * pnode.GetSpacingScalingConst())
         reference = make_reference(grid_for_box(mrml_bridge.box_from_roi(roi), spacing, np.eye(3)), source.GetPixelID())
-        cropped = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, pnode.GetFillValue())
+        parent = source_node.GetParentTransformNode()
+        self.parents_seen.append(parent.GetID() if parent is not None else None)
+        world_to_local = sitk.Transform()
+        if parent is not None:  # world RAS <- local RAS, as LPS; Resample needs output (world) -> input (local)
+            to_world = vtk.vtkMatrix4x4()
+            parent.GetMatrixTransformToWorld(to_world)
+            flip = transforms.LPS_TO_RAS
+            world_to_local = transforms.affine_from_matrix(
+                np.linalg.inv(flip @ mrml_bridge.vtk_matrix_to_numpy(to_world) @ flip))
+        cropped = sitk.Resample(source, reference, world_to_local, sitk.sitkLinear, pnode.GetFillValue())
         mrml_bridge.update_volume_node_from_sitk(output, cropped)
         return 0
 
 
 class FakeBRAINSFitCLI:
-    """Stands in for ``slicer.cli.runSync(slicer.modules.brainsfit, None, params)``.
+    """Stands in for ``slicer.cli.run(slicer.modules.brainsfit, None, params, wait_for_completion=False)`` (returns
+    a completed node; slicer_cli_double.SlicerCLIDouble runs the real BRAINSFit instead).
 
     Checks the parameters against BRAINSFit.xml, then registers the SAME nodes with the core's
     BRAINSFit-like SimpleITK engine, starting from ``initialTransform``, and writes the output node.
@@ -494,7 +504,7 @@ class FakeBRAINSFitCLI:
         self.scene = scene
         self.parameters = []
 
-    def __call__(self, module, node, params):
+    def __call__(self, module, node, params, wait_for_completion=False):
         from MultimodalPrealignLib.engines.itk_engine import register_itk
 
         assert module == "brainsfit-module" and node is None
@@ -533,7 +543,7 @@ def test_pipeline_with_cropvolume_and_brainsfit_puts_original_moving_volume_in_p
     crop_logic = FakeCropVolumeLogic()
     brainsfit_cli = FakeBRAINSFitCLI(scene)
     services = engine_run.SlicerServices(scene=scene, crop_logic=crop_logic, temp_dir=str(tmp_path),
-                                         run_sync=brainsfit_cli, brainsfit_module="brainsfit-module")
+                                         run_cli=brainsfit_cli, brainsfit_module="brainsfit-module")
     run = engine_run.SlicerToolsRun(services, "brainsfit", fixed_node, moving_node)
     nodes_before = scene.GetNumberOfNodes()
     options = PipelineOptions.create(prealign="moments", stages=("rigid",), iterations=200)
@@ -639,7 +649,7 @@ def test_pipeline_with_slicerelastix_uses_our_parameter_files_and_initial_transf
 
 def test_slicer_engines_missing_are_explained(scene, tmp_path):
     services = engine_run.SlicerServices(scene=scene, crop_logic=FakeCropVolumeLogic(), temp_dir=str(tmp_path))
-    with pytest.raises(InputError, match="SlicerElastix extension is not installed.*core"):
+    with pytest.raises(InputError, match="SlicerElastix extension is not installed.*engine 'itk'"):
         engine_run.SlicerToolsRun(services, "elastix", None, None)
     with pytest.raises(InputError, match="BRAINSFit.*not available"):
         engine_run.SlicerToolsRun(services, "brainsfit", None, None)

@@ -222,3 +222,20 @@ def test_anisotropic_scaling_warns_even_when_the_volume_is_kept():
     assert result == "WARN" and "stretches the image by 10%" in reasons[0]
     rigid = measure.transform_check(transforms.rigid_from_matrix(np.eye(4)))
     assert verdict.judge(_metrics(transform=rigid))[0] == "PASS"
+
+
+def test_a_failing_fallback_attempt_never_discards_an_earlier_result():
+    """Before: two FAIL attempts with transforms, then an elastix fallback whose engine died ("Too many samples map
+    outside moving image buffer"): the errored attempt (no checks, so no FAIL checks) scored best and the run
+    ended with exit 3 and no outputs."""
+
+    def attempt(choice, engine):  # stands in for one pipeline run
+        if engine == "elastix":
+            return {"error": "elastix lost the overlap. Fix: start closer.", "metrics": {}}, None
+        return _metrics(after={"nmi": 1.01, "overlap_fraction_fixed": 0.2, "overlap_fraction_moving": 0.2}), choice
+
+    plan = [("search", "itk"), ("candidate", "itk"), ("search", "elastix")]
+    report, payload, index = fallback.run_with_fallback(attempt, plan)
+    assert payload in ("search", "candidate") and index in (0, 1)  # an attempt that produced a transform
+    assert [a["verdict"] for a in report["fallback"]["attempts"]] == ["FAIL", "FAIL", "FAIL"]
+    assert len(report["fallback"]["attempts"]) == 3  # all attempts reported

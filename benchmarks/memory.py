@@ -40,6 +40,7 @@ OURS = {
     "ours-geometry": ("geometry", "itk", False),
     "ours-anatomy": ("anatomy", "itk", True),
     "ours-auto-elastix": ("auto", "elastix", False),
+    "ours-auto-brainsfit": ("auto", "brainsfit", False),
 }
 #: One pre-alignment method alone (what the search and anatomy studies measured): method name -> prealign method.
 PREALIGN_ONLY = {"ours-search-only": "search", "ours-anatomy-only": "anatomy"}
@@ -75,12 +76,14 @@ def run_isolated(method: str, case: dict, seed: int = 0, python: str | None = No
 
 # ------------------------------------------------------------------------------------------------ worker
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    # KiB on Linux; a method that runs a program (the real BRAINSFit) counts that child's peak when it is larger
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time of this process and of the programs it ran and waited for (the real BRAINSFit)."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _read_labels(case: dict):
@@ -93,8 +96,9 @@ def _read_labels(case: dict):
             sitk.Cast(sitk.ReadImage(case["moving_labels"]), sitk.sitkUInt16))
 
 
-def _run_prealign_only(method: str, case: dict, seed: int):
-    """``search.prealign`` / ``anatomy.prealign`` alone on the images as read (no registration)."""
+def _run_prealign_only(method: str, case: dict, seed: int, options: dict | None = None):
+    """``search.prealign`` / ``anatomy.prealign`` alone on the images as read (no registration); ``options``: the
+    pre-alignment options (``PipelineOptions.prealign_options``, e.g. {"anatomy": {"refine_labels": False}})."""
     import SimpleITK as sitk
 
     from MultimodalPrealignLib.geometry import transforms
@@ -104,13 +108,13 @@ def _run_prealign_only(method: str, case: dict, seed: int):
     moving = sitk.ReadImage(case["moving"])
     started = time.perf_counter()
     if PREALIGN_ONLY[method] == "search":
-        result = search.prealign(PrealignInputs(fixed=fixed, moving=moving, seed=seed))
+        result = search.prealign(PrealignInputs(fixed=fixed, moving=moving, seed=seed, options=options or {}))
         info = {"timings_s": result.details["timings_s"], "chosen": result.details["chosen"]["source"],
                 "score": result.details["chosen"]["score"], "warnings": result.warnings}
     else:
         fixed_labels, moving_labels = _read_labels(case)
         result = anatomy.prealign(PrealignInputs(fixed, moving, fixed_labels, moving_labels, case["fixed_task"],
-                                                 case["moving_task"], seed=seed))
+                                                 case["moving_task"], seed=seed, options=options or {}))
         info = {"used": len(result.details["used"]), "rejected": len(result.details["rejected"]),
                 "type": result.details["transform_type"], "warnings": result.warnings}
     return transforms.to_matrix(result.transform), time.perf_counter() - started, info
@@ -130,7 +134,7 @@ def _run_ours(method: str, case: dict, seed: int, extra: dict):
     from MultimodalPrealignLib.geometry import transforms
 
     if method in PREALIGN_ONLY:
-        return _run_prealign_only(method, case, seed)
+        return _run_prealign_only(method, case, seed, extra.get("options", {}).get("prealign_options"))
     if method == "ours-files":
         options = pipeline.PipelineOptions.create(seed=seed, **extra.get("options", {}))
         with tempfile.TemporaryDirectory(prefix="bench_out_") as out:
@@ -144,6 +148,10 @@ def _run_ours(method: str, case: dict, seed: int, extra: dict):
     fixed_labels = moving_labels = None
     options = pipeline.PipelineOptions.create(prealign=prealign_method, engine=engine, seed=seed,
                                               **extra.get("options", {}))
+    if engine == "brainsfit" and options.registration.brainsfit_path is None:  # the real BRAINSFit (peers.py)
+        import peers
+
+        options.registration.brainsfit_path = peers.real_brainsfit().path
     if labels:
         fixed_labels, moving_labels = _read_labels(case)
         options.fixed_labels_task, options.moving_labels_task = case["fixed_task"], case["moving_task"]
@@ -157,6 +165,10 @@ def _run_peer(method: str, case: dict, seed: int, extra: dict):
     import peers
 
     if method in EXTERNAL:
+        started = time.perf_counter()
+        matrix, info = peers.peer_runner(method)(case["fixed"], case["moving"], seed)
+        return matrix, time.perf_counter() - started, info
+    if method in peers.FILE_PEERS:  # the real BRAINSFit reads the case files itself (our Python)
         started = time.perf_counter()
         matrix, info = peers.peer_runner(method)(case["fixed"], case["moving"], seed)
         return matrix, time.perf_counter() - started, info

@@ -6,6 +6,13 @@
   centres), copied in ``benchmarks/peers/SlicerElastix_Parameters_Rigid.txt``; itk-elastix, full-resolution
   inputs. With an ``initial`` transform (the "same pre-alignment" comparison) the automatic initialisation is
   switched off and the initial transform is given as elastix's external initial transform.
+* ``brainsfit-real``: the real BRAINSFit executable as a Slicer user runs General Registration (BRAINS): Rigid,
+  ``--initializeTransformMode useGeometryAlign`` (geometry-centre initialisation), everything else BRAINSFit's
+  default (samplingPercentage 0.002, 1500 iterations, all threads), on the case files at full resolution. The
+  executable: ``$MULTIMODAL_PREALIGN_BRAINSFIT``, ``BRAINSFit`` on PATH, a Slicer installation, else
+  ``../shared/tools/brainsfit/bin/BRAINSFit`` (BRAINSTools 5.6.0). Its failures are the rows' notes (e.g. "All
+  samples map outside moving image buffer"); a silent non-registration (exit 0, zero gradient) is scored as
+  the transform it returned, flagged in the info.
 * ``brainsfit-default``: BRAINSFit's defaults reproduced with SimpleITK (BRAINSia/BRAINSTools BRAINSFit.xml):
   geometry-centre initialisation (``initializeTransformMode useGeometryAlign``), VersorRigid3D, Mattes MI
   50 bins, samplingPercentage 0.002 (random), regular-step gradient descent max step 0.05, min step 0.001,
@@ -36,7 +43,11 @@ import SimpleITK as sitk
 HERE = Path(__file__).resolve().parent
 ELASTIX_PRESET = HERE / "peers" / "SlicerElastix_Parameters_Rigid.txt"
 PEERS = ("elastix-default", "brainsfit-default", "forum-recipe", "ants", "greedy", "elastix-default-2mm",
-         "brainsfit-default-2mm")
+         "brainsfit-default-2mm", "brainsfit-real")
+#: Peers that read the case files themselves (real executables): they get the paths, not the images.
+FILE_PEERS = ("brainsfit-real",)
+#: The real BRAINSFit beside the repository, used when no other is found (BRAINSTools 5.6.0, see its README).
+SHARED_BRAINSFIT = HERE.parent.parent / "shared" / "tools" / "brainsfit" / "bin" / "BRAINSFit"
 
 
 def _matrix(transform: sitk.Transform) -> np.ndarray:
@@ -202,6 +213,53 @@ def run_brainsfit_default_2mm(fixed: sitk.Image, moving: sitk.Image, seed: int =
     return _matrix(start), {"sampling_percentage_on_2mm_copy": round(sampling, 4)}
 
 
+# ------------------------------------------------------------------------------------------------ the real BRAINSFit
+def real_brainsfit():
+    """The BRAINSFit executable (``engines.brainsfit_parameters.find_brainsfit``), else the one in ../shared."""
+    from MultimodalPrealignLib.engines import brainsfit_parameters as bf
+    from MultimodalPrealignLib.errors import InputError
+
+    try:
+        return bf.find_brainsfit(None)
+    except InputError:
+        if SHARED_BRAINSFIT.is_file():
+            return bf.find_brainsfit(str(SHARED_BRAINSFIT))
+        raise
+
+
+def run_brainsfit_real(fixed_path: str, moving_path: str, seed: int = 0, initial: np.ndarray | None = None):
+    """The real BRAINSFit with a Slicer user's settings (Rigid, geometry-centre initialisation, the rest default).
+
+    ``initial`` (4x4 fixed->moving) replaces the initialisation (``--initialTransform``, mode Off). BRAINSFit has no
+    seed option: ``seed`` is unused (its sampling repeats from run to run).
+    """
+    import subprocess
+
+    from MultimodalPrealignLib.engines import brainsfit_parameters as bf
+    from MultimodalPrealignLib.geometry import transforms
+
+    executable = real_brainsfit()
+    with tempfile.TemporaryDirectory(prefix="bench_brainsfit_") as folder:
+        out = Path(folder) / "rigid.h5"
+        args = [*executable.command, "--fixedVolume", str(fixed_path), "--movingVolume", str(moving_path),
+                "--useRigid", "--linearTransform", str(out)]
+        if initial is None:
+            args += ["--initializeTransformMode", "useGeometryAlign"]
+        else:
+            transforms.write_transform(_affine(initial), Path(folder) / "initial.h5")
+            args += ["--initializeTransformMode", "Off", "--initialTransform", str(Path(folder) / "initial.h5")]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(bf.translate_failure(done.stderr, done.stdout, exit_code=done.returncode).one_line())
+        transform = transforms.read_transform(out)
+    stops = bf.stop_conditions(done.stdout)
+    info = {"brainsfit": f"{executable.version} ({executable.found_by})",
+            "stop": stops[-1]["stop_condition"][:120] if stops else None,
+            "iterations": stops[-1]["iterations"] if stops else None,
+            "zero_gradient": any("Gradient magnitude (0)" in s["stop_condition"] for s in stops)}
+    return _matrix(transform), info
+
+
 # ------------------------------------------------------------------------------------------------ ANTs, greedy
 def ants_available() -> bool:
     try:
@@ -263,7 +321,8 @@ def run_greedy(fixed_path: str, moving_path: str, seed: int = 0, initial: np.nda
 def peer_runner(name: str):
     return {"elastix-default": run_elastix_default, "brainsfit-default": run_brainsfit_default,
             "forum-recipe": run_forum_recipe, "ants": run_ants, "greedy": run_greedy,
-            "elastix-default-2mm": run_elastix_default_2mm, "brainsfit-default-2mm": run_brainsfit_default_2mm}[name]
+            "elastix-default-2mm": run_elastix_default_2mm, "brainsfit-default-2mm": run_brainsfit_default_2mm,
+            "brainsfit-real": run_brainsfit_real}[name]
 
 
 def timed(function, *args, **kwargs):
@@ -272,6 +331,6 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - started
 
 
-__all__ = ["PEERS", "peer_runner", "run_elastix_default", "run_brainsfit_default", "run_forum_recipe", "run_ants",
-           "run_greedy", "run_elastix_default_2mm", "run_brainsfit_default_2mm", "shrink_to",
-           "geometry_center_initial", "timed", "math"]
+__all__ = ["PEERS", "FILE_PEERS", "peer_runner", "run_brainsfit_real", "run_elastix_default", "run_brainsfit_default",
+           "run_forum_recipe", "run_ants", "run_greedy", "run_elastix_default_2mm", "run_brainsfit_default_2mm",
+           "shrink_to", "geometry_center_initial", "timed", "math"]

@@ -1,6 +1,7 @@
 """Command line: ``multimodal-prealign register|demo|...``.
 
-Exit codes: 0 success (verdict PASS or WARN), 2 bad input, 3 a stage failed, 4 the verdict is FAIL.
+Exit codes: 0 success (verdict PASS or WARN), 2 bad input, 3 a stage failed, 4 the verdict is FAIL,
+130 interrupted (Ctrl-C / SIGTERM; nothing written).
 
 Each subcommand is a parser with ``set_defaults(handler=fn)``; ``fn(args) -> int``. ``inspect-dicom`` comes
 from :func:`io.dicom_series.add_cli`.
@@ -9,13 +10,15 @@ from :func:`io.dicom_series.add_cli`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__, diagnose, engines, prealign
-from .errors import EXIT_BAD_INPUT, InputError, PrealignError
+from . import __version__, batch, diagnose, engines, prealign, stopping
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Cancelled, InputError, PrealignError
 from .io import dicom_series, image_io
 from .progress import Progress, text_progress
 
@@ -38,7 +41,11 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                              "available search), none, header (trust both headers), geometry (box centres), "
                              "moments (centres of the foreground masks), anatomy, search")
     parser.add_argument("--engine", default="itk", choices=engines.ENGINES,
-                        help="registration engine: itk (SimpleITK set up like BRAINSFit, default) or elastix")
+                        help="registration engine: itk (SimpleITK set up like BRAINSFit, default), elastix "
+                             "(itk-elastix) or brainsfit (the real BRAINSFit executable, see --brainsfit)")
+    parser.add_argument("--brainsfit", default=None, metavar="PATH",
+                        help="--engine brainsfit: the BRAINSFit executable (default: $MULTIMODAL_PREALIGN_BRAINSFIT, "
+                             "BRAINSFit on PATH, or a Slicer installation's lib/Slicer-5.x/cli-modules/BRAINSFit)")
     parser.add_argument("--stages", default="rigid,affine", type=_stages,
                         help="comma-separated stages run in order: rigid, affine, bspline (default rigid,affine)")
     parser.add_argument("--sampling-percentage", type=float, default=None, metavar="P",
@@ -65,6 +72,16 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not retry with the next pre-alignment candidate or the other engine on a FAIL verdict")
     parser.add_argument("--no-report", action="store_true",
                         help="batch use: metrics and verdict in report.json only, no pictures and no report.html")
+    parser.add_argument("--per-structure", default=None, metavar="NAMES",
+                        help="after the global run, register each named structure of the fixed image on its own "
+                             "(comma-separated names from --fixed-labels: segment names, TotalSegmentator names or "
+                             "label values; or 'all'); writes DIR/structures/<name>/transform.h5 "
+                             "(docs/per_structure.md)")
+    parser.add_argument("--structure-stages", default="rigid", type=_stages, metavar="STAGES",
+                        help="stages of each structure's registration (default rigid; e.g. rigid,affine)")
+    parser.add_argument("--structures-from-threshold", type=float, default=None, metavar="HU",
+                        help="--per-structure without a label map: bones of a CT/microCT above this value (e.g. 300), "
+                             "split at the joint spaces, named bone_1, bone_2, ... (largest first)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -75,7 +92,9 @@ def options_from_args(args: argparse.Namespace):
                               sampling_percentage=args.sampling_percentage, iterations=args.iterations,
                               seed=args.seed, crop_margin_mm=args.crop_margin, spacing_scale=args.spacing_scale,
                               isotropic=not args.no_isotropic, fallback=not args.no_fallback,
-                              no_report=args.no_report)
+                              no_report=args.no_report, brainsfit_path=getattr(args, "brainsfit", None))
+    if options.registration.engine == "brainsfit":  # no executable: exit 2 now, not after the pre-alignment
+        engines.find_brainsfit(options.registration.brainsfit_path)
     if args.max_working_voxels is not None:
         options.max_working_voxels = args.max_working_voxels
     anatomy = {}
@@ -88,11 +107,20 @@ def options_from_args(args: argparse.Namespace):
     for name in ("fixed_labels_task", "moving_labels_task"):
         if getattr(args, name, None):
             setattr(options, name, getattr(args, name))
+    from .structures import parse_names
+
+    options.per_structure = parse_names(getattr(args, "per_structure", None))
+    options.structure_stages = tuple(getattr(args, "structure_stages", None) or ("rigid",))
+    options.structure_threshold = getattr(args, "structures_from_threshold", None)
+    if options.structure_threshold is not None and not options.per_structure:
+        raise InputError("--structures-from-threshold makes the structures of --per-structure",
+                         "add --per-structure all (or the bone names bone_1,bone_2,...)")
     return options.validate()
 
 
 def _progress(args) -> Progress:
-    return Progress(None if args.quiet else text_progress())
+    """Progress lines on stderr (unless --quiet); stops at the next check point after Ctrl-C / SIGTERM."""
+    return Progress(None if args.quiet else text_progress(), stopping.ACTIVE)
 
 
 def _summary(result, out_dir: Path) -> str:
@@ -109,6 +137,13 @@ def _summary(result, out_dir: Path) -> str:
         lines.append(f"warning: {warning}")
     reasons = result.report.get("verdict_reasons") or []
     lines.append(f"verdict: {result.report.get('verdict')}" + (f" ({reasons[0]})" if reasons else ""))
+    for entry in (result.report.get("structures") or {}).get("results", []):  # --per-structure
+        motion = entry.get("motion_relative_to_global") or {}
+        where = (entry.get("files") or {}).get("transform")
+        lines.append(f"structure {entry['name']}: {entry['verdict']}" + (
+            f" ({entry['error']})" if entry.get("error") else
+            f", {motion.get('rotation_deg', 0):.1f} deg / {motion.get('mean_displacement_mm', 0):.1f} mm from the "
+            f"global transform" + (f" -> {out_dir / where}" if where else "")))
     names = ["transform.h5", "moving_resampled.nrrd", "report.json"]
     if (out_dir / "report.html").exists():
         names.append("report.html")
@@ -130,11 +165,33 @@ def run_register(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mmp_labels_") as scratch:
         fixed_labels, moving_labels = segment_if_asked(args, Path(scratch))
         options = options_from_args(args)  # --segment may have set the label tasks
+        note = lone_label_map_note(fixed_labels, moving_labels, args.prealign)
+        reproduce_with = None
+        if args.segment:  # the label files made by --segment are temporary: the command repeats --segment
+            reproduce_with = {"fixed_labels": args.fixed_labels, "moving_labels": args.moving_labels,
+                              "extra_arguments": ["--segment", args.segment]
+                              + (["--fast-segment"] if args.fast_segment else [])}
         result = register_files(args.fixed, args.moving, args.out, options, fixed_labels, moving_labels,
                                 _progress(args), command=["multimodal-prealign", *sys.argv[1:]],
-                                landmarks_path=args.landmarks, moving_landmarks_path=args.moving_landmarks)
+                                landmarks_path=args.landmarks, moving_landmarks_path=args.moving_landmarks,
+                                reproduce_with=reproduce_with)
+    if note:  # said after the run: a bad input of the same run stays a single error line
+        print(f"note: {note}")
     print(_summary(result, Path(args.out)))
     return exit_code_for(result.report.get("verdict"))
+
+
+def lone_label_map_note(fixed_labels, moving_labels, prealign_method: str) -> str | None:
+    """What happens to a label map given without the other image's: it is checked but not used (anatomy
+    pre-alignment and the structure checks compare structures of both images); None when both or neither are given,
+    or with --prealign anatomy (which then refuses the run)."""
+    if (fixed_labels is None) == (moving_labels is None) or prealign_method == "anatomy":
+        return None
+    given, missing = ("fixed", "moving") if fixed_labels is not None else ("moving", "fixed")
+    method = "search" if prealign_method == "auto" else prealign_method
+    return (f"--{given}-labels is not used without --{missing}-labels: anatomy pre-alignment and the structure checks "
+            f"compare the structures of both images; this run uses the '{method}' pre-alignment and judges the result "
+            f"from the images. Add --{missing}-labels (or --segment {missing}) to use the label maps")
 
 
 def segment_if_asked(args: argparse.Namespace, scratch: Path) -> tuple:
@@ -312,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(sub)
     add_diagnose_command(sub)
     dicom_series.add_cli(sub)
+    batch.add_cli(sub, add_registration_arguments, options_from_args)
     return parser
 
 
@@ -322,13 +380,23 @@ def main(argv: list | None = None) -> int:
     except SystemExit as done:  # --help, --version, usage errors (already printed as one line)
         return int(done.code or 0)
     try:
-        return int(args.handler(args) or 0)
+        with stopping.stop_on_signals() as stop:
+            code = int(args.handler(args) or 0)
+            if stop():  # the signal came after the last check point: the outputs are complete
+                print(f"multimodal-prealign {args.command}: interrupted after the outputs were written",
+                      file=sys.stderr)
+                return EXIT_INTERRUPTED
+            return code
+    except (Cancelled, KeyboardInterrupt):
+        print(f"multimodal-prealign {args.command}: interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except PrealignError as err:
         print(f"multimodal-prealign {args.command}: error: {err.one_line()}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"multimodal-prealign {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # e.g. `multimodal-prealign diagnose F M | head`: the reader has gone, stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,10 @@ orientation; DICOM patient position when known; intensity range and a modality g
 fraction), how much of each lies inside the other under the header alignment and under the best
 available pre-alignment, and the moving/fixed ratios per axis. Rules (thresholds in
 ``resources/diagnostics_rules.json``, explained in docs/diagnostics.md) turn the numbers into plain
-advice sentences and a verdict. Transforms map FIXED physical points to MOVING physical points (LPS mm).
+advice sentences and a verdict. Inputs that are valid but implausible (sizes that suggest metres, nonsense voxel
+sizes, a patch, noise, a negative voxel size in a header, two images in different units) are named first
+(:mod:`.io.plausibility`, the same findings the verdict's content check uses). Transforms map FIXED physical points
+to MOVING physical points (LPS mm).
 
 Two parts, so that a run can diagnose before it pre-aligns: :func:`diagnose_images` (headers and images
 only) and :func:`finish_diagnosis` (the overlap under the pre-alignment, advice, verdict).
@@ -22,6 +25,8 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import image_space, resample, transforms
 from .geometry.masks import foreground_mask
+from .io import plausibility
+from .io.image_io import header_notes
 from .io.modality import MODALITY_KEYS, guess_modality, intensity_summary, metadata, rules
 
 AXIS_NAMES = ("left-right", "anterior-posterior", "head-feet")
@@ -89,6 +94,8 @@ def describe(image: sitk.Image, role: str, settings: dict, work: sitk.Image | No
         "intensity": intensity,
         "modality": guess_modality(intensity, dicom_modality, settings),
         "foreground": foreground_summary(work),
+        "structure": round(plausibility.structure_ratio(work), 3),
+        "header_notes": header_notes(image),
     }
     return out
 
@@ -363,16 +370,40 @@ def _image_advice(d: dict, settings: dict) -> list:
     return advice
 
 
+def _plausibility_advice(d: dict, settings: dict) -> tuple[list, list]:
+    """(implausible inputs: different units, sizes or voxel sizes no scan has, a patch, noise; header notes)."""
+    limits = plausibility.content_limits()
+    advice, notes = [], []
+    units = plausibility.units_finding(d["fixed"], d["moving"], float(settings.get("units_ratio_advice", 20.0)),
+                                       limits)
+    if units:
+        advice.append(f"{_cap(units)}; correct the voxel size in that header before registering.")
+    for role in ("fixed", "moving"):
+        info = d[role]
+        summary = {"extent_mm_lps": info["extent_mm_lps"], "size": info["size"], "spacing_mm": info["spacing_mm"],
+                   "structure": info.get("structure")}
+        for _status, text in plausibility.content_findings(summary, _name(d, role), limits):
+            advice.append(_cap(text) + ".")
+        for note in info.get("header_notes") or []:
+            notes.append(f"The header of {_name(d, role)}: {note}.")
+    return advice, notes
+
+
 def advise(d: dict, settings: dict | None = None) -> tuple[list, str, str]:
     """(advice sentences, verdict code, verdict sentence) from the numbers in a diagnostics dict."""
     settings = settings or rules()
     coverage, partial = _coverage_advice(d, settings)
     overlap, state = _overlap_advice(d, settings)
-    advice = coverage + overlap + _position_advice(d) + _spacing_advice(d, settings) + _image_advice(d, settings)
+    implausible, notes = _plausibility_advice(d, settings)
+    advice = (implausible + notes + coverage + overlap + _position_advice(d) + _spacing_advice(d, settings)
+              + _image_advice(d, settings))
     best = state["pre_share"] if state["pre_share"] is not None else state["header_share"]
     headers_bad = state["header_share"] < settings["header_overlap_good"] or state["pre_moves"] or \
         bool(_position_advice(d))
-    if best <= settings["overlap_none"]:
+    if implausible:
+        code = "check_inputs"
+        verdict = "Check the inputs first: " + implausible[0][:1].lower() + implausible[0][1:]
+    elif best <= settings["overlap_none"]:
         code = "no_overlap"
         verdict = ("Not registrable as is: the images do not overlap even after pre-alignment; check that they "
                    "show the same region, or pre-align by hand / with label maps.")

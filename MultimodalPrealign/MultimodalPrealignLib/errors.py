@@ -8,6 +8,8 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
 #: CLI exit code when the run finished but its QA verdict is FAIL (PASS and WARN exit with 0).
 EXIT_VERDICT_FAIL = 4
+#: CLI exit code when the user stopped the run (Ctrl-C, SIGTERM, a cancel request): 128 + SIGINT, as shells do.
+EXIT_INTERRUPTED = 130
 
 
 class PrealignError(Exception):
@@ -43,9 +45,9 @@ class RegistrationError(PrealignError, RuntimeError):
 
 
 class Cancelled(PrealignError):
-    """The user cancelled a long run (Slicer's Cancel button or a progress callback)."""
+    """The user cancelled a long run (Slicer's Cancel button or a progress callback). Exit code 130."""
 
-    exit_code = EXIT_FAILED
+    exit_code = EXIT_INTERRUPTED
 
     def __init__(self):
         super().__init__("Cancelled by the user")

@@ -2,8 +2,13 @@
 
 ``itk``: SimpleITK's ImageRegistrationMethod set up the way BRAINSFit sets up ITK (Mattes MI with 50
 bins, sampling percentage, iteration count, rigid -> affine). ``elastix``: itk-elastix, the elastix that
-SlicerElastix runs. Both take working images (cropped, resampled) plus the pre-alignment and return
-ONE fixed->moving transform (physical LPS) that already includes the pre-alignment.
+SlicerElastix runs. ``brainsfit``: the real BRAINSFit executable (``brainsfit_engine``; its parameters,
+failures and discovery in ``brainsfit_parameters``, shared with the Slicer module). All take working images
+(cropped, resampled) plus the pre-alignment and return ONE fixed->moving transform (physical LPS) that already
+includes the pre-alignment.
+
+The engine modules are imported inside :func:`register`, so importing this package (and ``settings``,
+``brainsfit_parameters``) needs neither scipy nor itk (the Slicer module imports it before they are installed).
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from __future__ import annotations
 import SimpleITK as sitk
 
 from ..progress import SILENT, Progress
-from .elastix_engine import register_elastix
-from .itk_engine import register_itk
-from .settings import ENGINES, STAGES, EngineResult, RegistrationSettings, itk_preset
+from .brainsfit_parameters import find_brainsfit
+from .settings import ENGINES, STAGES, EngineResult, RegistrationSettings, fallback_engines, itk_preset
 
-__all__ = ["ENGINES", "STAGES", "EngineResult", "RegistrationSettings", "itk_preset", "register"]
+__all__ = ["ENGINES", "STAGES", "EngineResult", "RegistrationSettings", "fallback_engines", "find_brainsfit",
+           "itk_preset", "register"]
 
 
 def register(fixed_work: sitk.Image, moving_work: sitk.Image, initial_fixed_to_moving: sitk.Transform,
@@ -24,7 +29,16 @@ def register(fixed_work: sitk.Image, moving_work: sitk.Image, initial_fixed_to_m
     """Run the chosen engine's stages in order, each starting from the previous result."""
     settings.validate()
     if settings.engine == "itk":
+        from .itk_engine import register_itk
+
         return register_itk(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask,
                             moving_mask)
+    if settings.engine == "brainsfit":
+        from .brainsfit_engine import register_brainsfit
+
+        return register_brainsfit(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask,
+                                  moving_mask)
+    from .elastix_engine import register_elastix
+
     return register_elastix(fixed_work, moving_work, initial_fixed_to_moving, settings, progress, fixed_mask,
                             moving_mask)

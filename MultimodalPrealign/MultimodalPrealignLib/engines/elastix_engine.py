@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .. import stopping
 from ..errors import InputError, RegistrationError
 from ..geometry import transforms
 from ..geometry.image_space import direction_matrix
 from ..progress import SILENT, Progress
 from ..resource_files import load_resource_text
-from .guards import guarded_stage
+from .guards import guarded_stage, metric_mask
 from .settings import EngineResult, RegistrationSettings, itk_preset
 
 #: elastix never gets fewer spatial samples than this (its own default is 2048).
@@ -31,6 +32,24 @@ MIN_SPATIAL_SAMPLES = 2048
 #: Parameters of each stage recorded in report.json (``settings_used["parameters_per_stage"]``).
 RECORDED_PARAMETERS = ("Transform", "Metric", "NumberOfResolutions", "MaximumNumberOfIterations",
                        "NumberOfSpatialSamples", "NumberOfHistogramBins", "RandomSeed")
+
+
+def format_parameter_value(value: str) -> str:
+    """elastix parameter file syntax: numbers bare, everything else quoted."""
+    try:
+        float(value)
+        return str(value)
+    except ValueError:
+        return f'"{value}"'
+
+
+def format_parameter_map(params: dict, header: str = "") -> str:
+    """Text of an elastix parameter file from {name: [values]}."""
+    lines = [f"// {line}" for line in header.splitlines()] if header else []
+    for name, values in params.items():
+        values = values if isinstance(values, (list, tuple)) else [values]
+        lines.append(f"({name} {' '.join(format_parameter_value(str(v)) for v in values)})")
+    return "\n".join(lines) + "\n"
 
 
 def parse_parameter_text(text: str) -> dict[str, list[str]]:
@@ -139,15 +158,18 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
     fixed_itk, moving_itk = to_itk_image(fixed), to_itk_image(moving)
     fixed_voxels = int(np.prod(fixed.GetSize()))
     total = initial
-    records, logs, used, warnings = [], [], {}, []
+    records, logs, used, warnings, parameter_files = [], [], {}, [], {}
     guard_preset = itk_preset()  # the affine guard is engine-independent; its settings live with the itk preset
+    fixed_mask = metric_mask(fixed, fixed_mask, guard_preset)  # elastix samples the fixed object, as the itk engine
     workdir = Path(tempfile.mkdtemp(prefix="mmp_elastix_"))
+    stopping.track(workdir)
     try:
         for index, stage in enumerate(settings.stages):
-            progress.report("register", 0.5 + 0.4 * index / len(settings.stages), f"{stage} stage (elastix)")
+            progress.report("register", index / len(settings.stages), f"{stage} stage (elastix)")
             started = time.perf_counter()
             params = stage_parameters(stage, settings, fixed_voxels)
             used[stage] = {k: params[k] for k in RECORDED_PARAMETERS if k in params}
+            parameter_files[stage] = format_parameter_map(params, f"elastix {stage} stage as run by MultimodalPrealign")
             stage_transform, log = _run_stage(stage, params, fixed_itk, moving_itk, total, fixed_mask, moving_mask,
                                               workdir / stage)
             logs.append(f"=== elastix {stage} ===\n{log}")
@@ -161,8 +183,10 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
             progress.check_cancelled()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        stopping.untrack(workdir)
     settings_used = {"engine": "elastix", "stages": list(settings.stages), "seed": settings.seed,
-                     "min_spatial_samples": MIN_SPATIAL_SAMPLES, "parameters_per_stage": used}
+                     "min_spatial_samples": MIN_SPATIAL_SAMPLES, "parameters_per_stage": used,
+                     "parameter_files": parameter_files}
     return EngineResult(total, records, settings_used, log="\n".join(logs), warnings=warnings)
 
 

@@ -1,10 +1,13 @@
-"""Engine-neutral guards: a registration result is kept only when a dense mutual-information estimate agrees.
+"""Engine-neutral guards and the metric's mask: a registration result is kept only when a dense
+mutual-information estimate inside the fixed object agrees.
 
-:func:`affine_guard` / :func:`guarded_stage`: an affine stage (of either engine) must raise dense MI on one common
-voxel set by enough to earn its extra parameters, else the previous stage's result is kept.
-:func:`registration_guard`: the pipeline keeps the pre-alignment when registration lowers dense MI inside the
-fixed object. Every transform maps fixed physical points to moving physical points (LPS mm); settings come
-from the itk preset (``resources/presets/itk.json``, ``affine_guard_*`` and ``registration_guard_*``).
+:func:`metric_mask`: where every engine's metric samples the fixed working image (the fixed object,
+``crop.object_mask``, inside the valid voxels). :func:`affine_guard` / :func:`guarded_stage`: an affine stage (of
+either engine) must raise dense MI on one common voxel set by enough to earn its extra parameters, else the
+previous stage's result is kept. :func:`registration_guard`: the pipeline keeps the pre-alignment when
+registration lowers dense MI inside the fixed object. Every transform maps fixed physical points to moving
+physical points (LPS mm); settings come from the itk preset (``resources/presets/itk.json``, ``metric_mask``,
+``affine_guard_*`` and ``registration_guard_*``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,26 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from .. import crop
 from ..geometry import transforms
-from ..geometry.masks import foreground_mask
 from .settings import itk_preset
+
+
+def metric_mask(fixed: sitk.Image, fixed_mask: sitk.Image | None, preset: dict | None = None) -> sitk.Image | None:
+    """The mask of the fixed working image where the metrics sample: with the preset's ``metric_mask``
+    "object" (default) the fixed object inside ``fixed_mask`` (:func:`crop.object_mask`), else (or when no object
+    is found) ``fixed_mask`` itself (every valid voxel).
+
+    Over the whole crop, mutual information is dominated by the object/background edge and by what only one scan
+    shows there; inside the object it measures the alignment of the anatomy. On the real phantom pair the itk
+    engine's whole-crop optimum lay 3.6-4.1 mm from the references, the object's 1.5-2.0 mm
+    (docs/benchmarks.md, 2026-12-01).
+    """
+    preset = preset or itk_preset()
+    if preset.get("metric_mask", "object") != "object":
+        return fixed_mask
+    found = crop.object_mask(fixed, fixed_mask)
+    return fixed_mask if found is None else found
 
 
 def _common_samples(fixed: sitk.Image, moving: sitk.Image, transforms_list, fixed_mask: sitk.Image | None,
@@ -125,8 +145,9 @@ def registration_guard(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tran
     """Did the registration make the alignment worse than the pre-alignment it started from?
 
     Dense joint-histogram MI (``registration_guard_bins``) on ONE voxel set: fixed voxels inside the fixed
-    object (``masks.foreground_mask``, holes filled) and ``fixed_mask`` that map inside the moving image
-    under both transforms. Unlike the engines' metrics over the whole crop, whose value is dominated by the
+    object (``crop.object_mask``, the mask the engines' metrics sample; before 2026-12 a foreground mask that on
+    a CT working grid with padding was the whole reconstruction circle) and ``fixed_mask`` that map inside the
+    moving image under both transforms. Unlike the engines' metrics over the whole crop, whose value is dominated by the
     object/background edge, this measures the alignment of what is inside the object. On cropped MR
     slabs of the phantom the itk engine lowered it by 0.004-0.044 nats while moving 1-4 mm away from the
     reference (docs/search.md, the cropped phantom slabs). ``accepted`` is False when the final
@@ -134,10 +155,9 @@ def registration_guard(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tran
     pre-alignment.
     """
     preset = preset or itk_preset()
-    body = foreground_mask(fixed, working_spacing_mm=None)
-    mask = body if fixed_mask is None else sitk.And(body, sitk.Cast(fixed_mask > 0, sitk.sitkUInt8))
-    samples, before, after = _dense_mi_pair(fixed, moving, initial, final, mask, int(preset["affine_guard_samples"]),
-                                            int(preset["registration_guard_bins"]))
+    mask = crop.object_mask(fixed, fixed_mask)
+    samples, before, after = _dense_mi_pair(fixed, moving, initial, final, fixed_mask if mask is None else mask,
+                                            int(preset["affine_guard_samples"]), int(preset["registration_guard_bins"]))
     result = {"measure": "dense MI inside the fixed object, same voxels for both", "mi_prealigned": None,
               "mi_registered": None, "samples": samples, "accepted": True}
     if before is None:

@@ -1,6 +1,7 @@
 """What every engine takes and returns: :class:`RegistrationSettings` (engine, stages, sampling, iterations,
 seed) with their checks, :class:`EngineResult` (one fixed->moving transform, physical LPS mm, pre-alignment
-included, plus per-stage records), and the itk preset (``resources/presets/itk.json``)."""
+included, plus per-stage records), the engines' names and fallback order, and the itk preset
+(``resources/presets/itk.json``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,19 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..resource_files import load_settings
 
-ENGINES = ("itk", "elastix")
+#: The engines, the same names on the command line and in Slicer: ``itk`` (SimpleITK set up like BRAINSFit, the
+#: default), ``elastix`` (itk-elastix headless; SlicerElastix in Slicer), ``brainsfit`` (the real BRAINSFit: its
+#: executable headless, the General Registration (BRAINS) CLI module in Slicer).
+ENGINES = ("itk", "elastix", "brainsfit")
+#: The other engines an automatic fallback tries after each engine, in order. Only engines that always run:
+#: brainsfit needs an executable, so it is never a fallback (only used when chosen).
+FALLBACK_ENGINES = {"itk": ("elastix",), "elastix": ("itk",), "brainsfit": ("itk", "elastix")}
 STAGES = ("rigid", "affine", "bspline")
+
+
+def fallback_engines(engine: str) -> tuple:
+    """The engines a fallback tries after ``engine`` (:data:`FALLBACK_ENGINES`), in order."""
+    return FALLBACK_ENGINES.get(engine, ())
 
 
 def itk_preset() -> dict:
@@ -52,12 +64,19 @@ class RegistrationSettings:
     iterations: int | None = None
     seed: int = 0
     histogram_bins: int = 50
-    #: itk engine: run ITK single-threaded so the same seed gives a bit-identical transform.
+    #: itk engine: run ITK single-threaded so the same seed gives a bit-identical transform (brainsfit engine:
+    #: BRAINSFit's numberOfThreads 1, same reason).
     deterministic: bool = True
+    #: brainsfit engine: the BRAINSFit executable (None: $MULTIMODAL_PREALIGN_BRAINSFIT, PATH, a Slicer
+    #: installation; ``brainsfit_parameters.find_brainsfit``).
+    brainsfit_path: str | None = None
+    #: brainsfit engine: keep its temporary files (working images, transforms, BRAINSFit's output) in a new
+    #: ``brainsfit_*`` folder inside this folder; None: a temporary folder removed after the run.
+    keep_temporary_dir: str | None = None
 
     def validate(self) -> RegistrationSettings:
         if self.engine not in ENGINES:
-            raise InputError(f"Unknown engine '{self.engine}'", "use --engine itk or --engine elastix")
+            raise InputError(f"Unknown engine '{self.engine}'", "use --engine itk, elastix or brainsfit")
         stages = check_stages(self.stages)
         if self.sampling_percentage is not None and not (0 < self.sampling_percentage <= 1):
             raise InputError(f"Sampling percentage must be in (0, 1], got {self.sampling_percentage}",

@@ -19,7 +19,14 @@ def smooth_for_spacing(image: sitk.Image, new_spacing) -> sitk.Image:
     if not np.any(sigma > 0.25 * old):
         return image
     # 2.355 = FWHM/sigma: the blur's FWHM matches the new voxel size.
-    return sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
+    if min(image.GetSize()) >= 4:
+        return sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
+    # A thin slab (fewer than 4 voxels along an axis, where ITK's recursive Gaussian cannot run): the same
+    # separable blur along the other axes only; along the thin axis the slab is one sample thick anyway.
+    for axis, (s, n) in enumerate(zip(sigma, image.GetSize())):
+        if s > 0 and n >= 4:
+            image = sitk.RecursiveGaussian(image, float(s), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    return image
 
 
 def grid_for_box(box: Box, spacing, direction: np.ndarray | None = None) -> dict:

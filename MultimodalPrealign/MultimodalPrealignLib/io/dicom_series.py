@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import EXIT_BAD_INPUT, InputError
 
 #: Slices whose row or column cosines differ by more than this angle belong to different candidate volumes.
 ORIENTATION_GROUP_DEG = 10.0
@@ -918,7 +918,7 @@ def _run_inspect(args) -> int:
         print(json.dumps(inspection.to_dict(), indent=2))
     else:
         print(format_inspection(inspection))
-    return 0 if inspection.selection.volume is not None else 1
+    return 0 if inspection.selection.volume is not None else EXIT_BAD_INPUT
 
 
 def add_cli(subparsers) -> None:
@@ -927,7 +927,8 @@ def add_cli(subparsers) -> None:
         "inspect-dicom", help="check whether a DICOM folder can be stacked into a volume",
         description="Group a DICOM folder into series and candidate volumes and check each: equal image size "
                     "and pixel spacing, parallel slices, gantry tilt, missing/duplicate/uneven slices, time "
-                    "points. Exit code 0 when a volume can be used for registration, 1 when not.")
+                    "points. Exit code 0 when a volume can be used for registration, 2 when not (bad input: the report "
+                    "says why and how to fix it).")
     p.add_argument("folder", metavar="DIR", help="folder with the DICOM files (searched recursively)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(handler=_run_inspect)

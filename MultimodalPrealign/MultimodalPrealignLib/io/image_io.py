@@ -5,14 +5,17 @@ Images keep their full geometry (origin, spacing, direction). Physical space is 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from . import dicom_series
+from . import dicom_series, headers
 
 #: Relative tolerance when comparing two grids (origin in mm, spacing, direction cosines).
 GRID_TOLERANCE = 1e-3
@@ -27,8 +30,54 @@ def _read_dicom_directory(path: Path) -> sitk.Image:
     return dicom_series.read_dicom_volume(path)
 
 
+#: Serialises :func:`quiet_itk` (ITK's warning switch and file descriptor 2 are global to the process).
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_itk():
+    """Keep ITK's warnings off the terminal while a file is read; yields a list that holds, after the block, what
+    ITK and its readers printed (MetaIO and NIfTI print straight to the process's stderr, file descriptor 2).
+
+    The descriptor is redirected only in the main thread (elsewhere, e.g. a worker thread, other threads' output
+    would be swallowed too); ITK's own warning output is switched off in any thread.
+    """
+    printed: list[str] = []
+    with _QUIET_LOCK:
+        display = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        saved = capture = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                capture = tempfile.TemporaryFile()
+                saved = os.dup(2)
+                os.dup2(capture.fileno(), 2)
+            except OSError:  # no stderr to redirect (some embedded interpreters)
+                if saved is not None:
+                    os.close(saved)
+                if capture is not None:
+                    capture.close()
+                saved = capture = None
+        try:
+            yield printed
+        finally:
+            if saved is not None and capture is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                printed.append(capture.read().decode("utf-8", "replace"))
+                capture.close()
+            sitk.ProcessObject.SetGlobalWarningDisplay(display)
+
+
 def read_image_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
-    """Read an image file or DICOM folder, with a one-line error for anything unreadable."""
+    """Read an image file or DICOM folder, with a one-line error for anything unreadable.
+
+    The header is checked first (:func:`headers.check_file`: an invalid voxel size, origin or direction, a missing
+    or truncated data file are refused with the field or file named); ITK's warnings are kept off the terminal.
+    Notes on valid but unusual headers (a negative voxel size: a mirrored axis) are kept in the image's metadata
+    under :data:`headers.NOTES_KEY`.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"The {what} file {_describe(path)} does not exist",
@@ -37,14 +86,26 @@ def read_image_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         return _read_dicom_directory(path)
     if not os.access(path, os.R_OK):
         raise InputError(f"The {what} file {_describe(path)} is not readable", "check its permissions")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise InputError(
-            f"Cannot read the {what} file {_describe(path)} as an image ({first[:120]})",
-            "give a NRRD, NIfTI, MHA/MHD file or a DICOM series folder",
-        ) from None
+    notes = headers.check_file(path, what)
+    failure = None
+    with quiet_itk() as printed:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            failure = str(err)
+    if failure is not None:
+        raise headers.explain_read_error(path, failure + "\n" + "".join(printed), what,
+                                         headers.recognised(path)) from None
+    if notes:
+        image.SetMetaData(headers.NOTES_KEY, "\n".join(notes))
+    return image
+
+
+def header_notes(image: sitk.Image) -> list[str]:
+    """The notes :func:`read_image_file` kept on the image's header (e.g. a negative voxel size), one per item."""
+    if not image.HasMetaDataKey(headers.NOTES_KEY):
+        return []
+    return [line for line in image.GetMetaData(headers.NOTES_KEY).splitlines() if line.strip()]
 
 
 def check_image(image: sitk.Image, name: str, allow_labels: bool = False) -> sitk.Image:
@@ -75,6 +136,9 @@ def check_image(image: sitk.Image, name: str, allow_labels: bool = False) -> sit
     spacing = image.GetSpacing()
     if min(spacing) <= 0 or not np.all(np.isfinite(spacing)):
         raise InputError(f"The {name} has an invalid voxel spacing {spacing}", "fix the image header")
+    if not np.all(np.isfinite(image.GetOrigin())) or not np.all(np.isfinite(image.GetDirection())):
+        raise InputError(f"The {name} has an invalid origin or direction (not finite: origin {image.GetOrigin()})",
+                         "fix the image header")
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -116,6 +180,16 @@ def check_label_grid(labels: sitk.Image, image: sitk.Image, label_name: str, ima
             f"give the label map that was computed from this {image_name} (e.g. TotalSegmentator's "
             "output for it), or resample it onto the image grid with nearest-neighbour interpolation",
         )
+    return labels
+
+
+def check_label_map(labels: sitk.Image, image: sitk.Image, label_name: str, image_name: str) -> sitk.Image:
+    """:func:`check_label_grid`, and refuse a label map without a single label (every voxel 0)."""
+    check_label_grid(labels, image, label_name, image_name)
+    if not np.any(sitk.GetArrayViewFromImage(labels)):
+        raise InputError(f"The {label_name} is empty (every voxel is 0)",
+                         f"give the label map made for the {image_name} (check that TotalSegmentator found "
+                         "structures in it), or leave the label maps out to pre-align from the images alone")
     return labels
 
 

@@ -311,6 +311,10 @@ def load_labels(path: str | os.PathLike, reference_image: sitk.Image, name: str 
     if float(array.min()) < 0:
         raise InputError(f"The {name} holds negative values", "give a label map with labels >= 0")
     check_label_grid(raw, reference_image, name, image_name)
+    if not np.any(array):
+        raise InputError(f"The {name} '{path}' is empty (every voxel is 0)",
+                         f"give the label map made for the {image_name} (check that TotalSegmentator found structures "
+                         "in it), or leave the label maps out to pre-align from the images alone")
     labels = sitk.Cast(raw, sitk.sitkUInt16)
     if task is None:
         task, _reason = infer_task(labels, reference_image, table)

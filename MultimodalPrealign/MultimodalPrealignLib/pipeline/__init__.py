@@ -29,7 +29,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from ..progress import Progress
-from . import attempts, stages
+from . import attempts, reproduce, stages
 from .fallback import MAX_ATTEMPTS
 from .inputs import load_inputs, record_input_paths
 from .options import PipelineOptions, PipelineResult
@@ -45,7 +45,7 @@ __all__ = [
 def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None = None,
                  fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
                  progress: Progress | None = None, crop_fn=None, register_fn=None,
-                 landmarks=None) -> PipelineResult:
+                 landmarks=None, structure_labels=None, moving_structure_labels=None) -> PipelineResult:
     """Pre-align, crop and register ``moving`` to ``fixed``; returns the composed fixed->moving transform.
 
     Every attempt is measured (:func:`qa.measure.evaluate`) and judged (PASS/WARN/FAIL); on FAIL the run falls
@@ -53,10 +53,13 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     the best attempt. ``crop_fn`` (signature of :func:`crop.apply_crop`) and ``register_fn`` (of
     :func:`engines.register`) replace the core's crop and engine steps; the Slicer module passes CropVolume and
     BRAINSFit/SlicerElastix (then only pre-alignment candidates are tried on fallback). ``landmarks``:
-    :class:`landmarks.LandmarkPairs` for target registration errors.
+    :class:`landmarks.LandmarkPairs` for target registration errors. ``structure_labels`` /
+    ``moving_structure_labels`` (:class:`structures.StructureLabels`, names kept): the structures of
+    ``options.per_structure`` (default: from the label maps, or automatic bones with ``options.structure_threshold``).
     """
     state = RunState.start(fixed, moving, options, fixed_labels, moving_labels, progress, crop_fn, register_fn,
                            landmarks)
+    state.structure_labels, state.moving_structure_labels = structure_labels, moving_structure_labels
     stages.check_inputs(state)
     stages.diagnose_images(state)
     stages.prealign_pair(state)
@@ -64,14 +67,22 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     stages.set_up_qa(state)
     attempts.plan_attempts(state)
     attempts.run_attempts(state)
+    stages.register_structures(state)
     return stages.report(state)
 
 
 def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | None = None,
                    fixed_labels_path=None, moving_labels_path=None, progress: Progress | None = None,
-                   command: list | None = None, landmarks_path=None, moving_landmarks_path=None) -> PipelineResult:
+                   command: list | None = None, landmarks_path=None, moving_landmarks_path=None,
+                   reproduce_with: dict | None = None) -> PipelineResult:
     """Run the pipeline on files; write transform.h5, moving_resampled.nrrd, report.json, report.html and
-    pictures/ atomically (a staging folder moved into place at the end)."""
+    pictures/ atomically (a staging folder moved into place at the end).
+
+    ``command``: the command as typed (report.json ``command``). report.json ``reproduce`` holds the command line
+    and Slicer console code that give the same transform (:mod:`reproduce`); ``reproduce_with`` replaces what
+    cannot be repeated as is: ``{"fixed_labels": path or None, "moving_labels": ..., "extra_arguments": [...]}``
+    (the command line's ``--segment`` made temporary label files: the command repeats ``--segment`` instead).
+    """
     options = (options or PipelineOptions()).validate()
     progress = progress or Progress()
     out_dir = Path(out_dir)
@@ -79,13 +90,36 @@ def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | 
     loaded = load_inputs(fixed_path, moving_path, options, progress, fixed_labels_path, moving_labels_path,
                          landmarks_path, moving_landmarks_path)
 
+    named = structure_label_files(options, loaded, fixed_labels_path, moving_labels_path)
     result = run_pipeline(loaded.fixed, loaded.moving, options, loaded.fixed_labels, loaded.moving_labels, progress,
-                          landmarks=loaded.landmarks)
+                          landmarks=loaded.landmarks, structure_labels=named[0], moving_structure_labels=named[1])
     result.report["timings_s"]["load"] = round(loaded.seconds, 3)
     record_input_paths(result.report, fixed_path, moving_path, fixed_labels_path, moving_labels_path)
     if command is not None:
         result.report["command"] = command
+    given = dict(reproduce_with or {"fixed_labels": fixed_labels_path, "moving_labels": moving_labels_path})
+    reproduce.for_files(result.report, result.engine.settings_used, fixed_path, moving_path, out_dir, options,
+                        given.get("fixed_labels"), given.get("moving_labels"), landmarks_path, moving_landmarks_path,
+                        extra_arguments=given.get("extra_arguments"))
 
     write_outputs(result, out_dir, loaded.fixed, loaded.moving, loaded.fixed_labels, loaded.moving_labels,
                   options.no_report, loaded.seconds, progress)
     return result
+
+
+def structure_label_files(options: PipelineOptions, loaded, fixed_labels_path=None, moving_labels_path=None) -> tuple:
+    """``--per-structure``: the label files read again with their structure NAMES kept
+    (:func:`structures.read_structure_labels`: segment names, TotalSegmentator names, mask file names; the
+    anatomy pre-alignment's reading keeps only one TotalSegmentator task's classes). (fixed, moving), None where not
+    asked or not given."""
+    if not options.per_structure:
+        return None, None
+    from .. import structures
+
+    fixed = moving = None
+    if fixed_labels_path is not None and options.structure_threshold is None:
+        fixed = structures.read_structure_labels(fixed_labels_path, loaded.fixed, "fixed", options.fixed_labels_task)
+    if moving_labels_path is not None:
+        moving = structures.read_structure_labels(moving_labels_path, loaded.moving, "moving",
+                                                  options.moving_labels_task)
+    return fixed, moving

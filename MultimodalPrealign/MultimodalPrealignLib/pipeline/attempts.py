@@ -10,7 +10,6 @@ attempt's ``initial`` is a pre-alignment pose, its ``result.transform`` the comp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from dataclasses import dataclass
 
@@ -51,13 +50,46 @@ def plan_attempts(state: RunState) -> None:
             state.choices.append((f"{pre.method} candidate: {label}", candidate))
     engine_order = [options.registration.engine]
     if not state.custom_engine:
-        engine_order += [e for e in engines.ENGINES if e != options.registration.engine]
+        engine_order += list(engines.fallback_engines(options.registration.engine))  # never brainsfit
     state.attempt_plan = fallback.fallback_plan(state.choices, engine_order, fallback.MAX_ATTEMPTS)
 
 
+#: The run's progress window of the attempts stage (after the pre-alignment, before the report).
+ATTEMPTS_WINDOW = (0.35, 0.93)
+
+
+def attempt_windows(count: int) -> list[tuple[float, float]]:
+    """Each planned attempt's share of :data:`ATTEMPTS_WINDOW` (0..1): the normal run 70% when fallbacks are
+    planned (they may never run), the fallbacks the rest in equal parts."""
+    if count <= 1:
+        return [(0.0, 1.0)]
+    step = 0.3 / (count - 1)
+    return [(0.0, 0.7)] + [(0.7 + step * i, 0.7 + step * (i + 1)) for i in range(count - 1)]
+
+
 def run_attempts(state: RunState) -> None:
-    """Run the planned attempts until one does not FAIL (else keep the best); record the chosen one."""
-    qa_report, chosen, index = fallback.run_with_fallback(functools.partial(run_attempt, state), state.attempt_plan)
+    """Run the planned attempts until one does not FAIL (else keep the best); record the chosen one.
+
+    Each attempt reports progress inside its own window (monotonic over the run); a fallback attempt is
+    announced with the reason the previous one failed.
+    """
+    plan, stage_progress = state.attempt_plan, state.progress.span(*ATTEMPTS_WINDOW)
+    windows, done = attempt_windows(len(plan)), []
+
+    def attempt(choice, engine):
+        index = len(done)
+        progress = stage_progress.span(*windows[index])
+        if index > 0:
+            previous = done[-1]
+            reason = (previous.get("verdict_reasons") or [previous.get("error") or "failed its checks"])[0]
+            progress.report("fallback", 0.0, f"automatic fallback: attempt {index + 1} of {len(plan)} "
+                            f"({choice[0]} with {engine}) because attempt {index} ended "
+                            f"{previous.get('verdict', 'FAIL')}: {reason}")
+        report, payload = run_attempt(state, choice, engine, progress)
+        done.append(report)
+        return report, payload
+
+    qa_report, chosen, index = fallback.run_with_fallback(attempt, plan)
     if chosen.result is None:  # every attempt raised a registration error: report the first one
         message = qa_report["error"]
         parts = message.split(" Fix: ")
@@ -71,33 +103,35 @@ def run_attempts(state: RunState) -> None:
     state.qa_report, state.chosen = qa_report, chosen
 
 
-def run_attempt(state: RunState, choice: tuple, engine: str) -> tuple[dict, Attempt]:
-    """One attempt from ``choice`` = (label, fixed->moving initial transform) with ``engine``.
+def run_attempt(state: RunState, choice: tuple, engine: str, progress=None) -> tuple[dict, Attempt]:
+    """One attempt from ``choice`` = (label, fixed->moving initial transform) with ``engine``; ``progress``: the
+    attempt's own (0..1 over the attempt; default the run's).
 
     Returns (its QA report: ``metrics``, or ``error`` and empty metrics when the crop found no overlap or the
     engine failed; judged by the caller, the attempt). No overlap under the first choice raises InputError.
     """
     label, initial = choice
+    progress = progress or state.progress
     attempt = Attempt(label, initial, engine)
     settings = dataclasses.replace(state.options.registration, engine=engine).validate()
     started = time.perf_counter()
     try:
-        plan = plan_crop(state, attempt)
+        plan = plan_crop(state, attempt, progress)
     except InputError as err:
         if choice is state.choices[0]:
             raise  # no overlap after the chosen pre-alignment: the user's problem to fix
         return _failed(err), attempt
-    work = make_working_grids(state, attempt, plan, started)
+    work = make_working_grids(state, attempt, plan, started, progress)
     started = time.perf_counter()
     try:
-        attempt.result = state.register_fn(work.fixed, work.moving, initial, settings, state.progress,
+        attempt.result = state.register_fn(work.fixed, work.moving, initial, settings, progress.span(0.2, 0.85),
                                            work.fixed_mask, work.moving_mask)
     except RegistrationError as err:
         attempt.timings["register"] = time.perf_counter() - started
         return _failed(err), attempt
     guard_registration(state, attempt, work)
     attempt.timings["register"] = time.perf_counter() - started
-    return {"metrics": evaluate(state, attempt)}, attempt
+    return {"metrics": evaluate(state, attempt, progress)}, attempt
 
 
 def _failed(err: PrealignError) -> dict:
@@ -105,22 +139,23 @@ def _failed(err: PrealignError) -> dict:
     return {"error": err.one_line(), "metrics": {}}
 
 
-def plan_crop(state: RunState, attempt: Attempt) -> crop.CropPlan:
+def plan_crop(state: RunState, attempt: Attempt, progress=None) -> crop.CropPlan:
     """The crop plan under ``attempt.initial``; InputError when the images do not overlap under it."""
     options = state.options
-    state.progress.report("crop", 0.4, f"cropping to the overlap ({attempt.label})")
+    (progress or state.progress).report("crop", 0.0, f"cropping to the overlap ({attempt.label})")
     return crop.plan_crop(state.fixed_f, state.moving_f, attempt.initial, options.crop_margin_mm,
                           options.spacing_scale, options.isotropic, options.max_working_voxels, attempt.label)
 
 
-def make_working_grids(state: RunState, attempt: Attempt, plan: crop.CropPlan, started: float) -> WorkingPair:
+def make_working_grids(state: RunState, attempt: Attempt, plan: crop.CropPlan, started: float,
+                       progress=None) -> WorkingPair:
     """The working grids (``state.crop_fn``) and their metric masks; records the crop time since ``started``."""
     fixed_work, moving_work = state.crop_fn(state.fixed, state.moving, plan)
     work = WorkingPair(fixed_work, moving_work, crop.validity_mask(fixed_work, state.fixed),
                        crop.validity_mask(moving_work, state.moving))
     attempt.plan = plan
     attempt.timings["crop"] = time.perf_counter() - started
-    state.progress.report("crop", 0.5, f"working spacing {plan.working_spacing_mm[0]:.2f} mm, "
+    (progress or state.progress).report("crop", 0.15, f"working spacing {plan.working_spacing_mm[0]:.2f} mm, "
                           f"fixed {fixed_work.GetSize()}, moving {moving_work.GetSize()}")
     return work
 
@@ -140,9 +175,9 @@ def guard_registration(state: RunState, attempt: Attempt, work: WorkingPair) -> 
         attempt.result.transform = attempt.initial
 
 
-def evaluate(state: RunState, attempt: Attempt) -> dict:
+def evaluate(state: RunState, attempt: Attempt, progress=None) -> dict:
     """The attempt's ``metrics`` block, measured on the QA copies (:func:`qa.measure.evaluate`)."""
-    state.progress.report("metrics", 0.9, "measuring before/after and judging the result")
+    (progress or state.progress).report("metrics", 0.9, "measuring before/after and judging the result")
     started = time.perf_counter()
     block = measure.evaluate(state.fixed_qa, state.moving_qa, attempt.initial, attempt.result.transform,
                              state.fixed_labels, state.moving_labels, state.landmarks, state.structure_pairs,

@@ -66,14 +66,16 @@ def prealign_candidate_transforms(candidates: Sequence[dict], max_count: int = 3
 
 
 def attempt_score(report: dict) -> tuple:
-    """Sort key (higher is better): verdict, fewer FAIL then WARN checks, closer structures, then NMI after."""
+    """Sort key (higher is better): a transform at all (an attempt whose engine failed has none and never beats one
+    that has), verdict, fewer FAIL then WARN checks, closer structures, then NMI after."""
+    produced = "error" not in report
     rank = {PASS: 2, WARN: 1, FAIL: 0}.get(report.get("verdict") or judge(report)[0], 0)
     statuses = [c.get("status") for c in report.get("qa_checks") or []]
     metrics = report.get("metrics") or {}
     structures = ((metrics.get("structures") or {}).get("after") or {}).get("summary") or {}
     distance = structures.get("median_centroid_distance_mm")
     nmi = (metrics.get("after") or {}).get("nmi", 0.0)
-    return (rank, -statuses.count(FAIL), -statuses.count(WARN),
+    return (produced, rank, -statuses.count(FAIL), -statuses.count(WARN),
             -float(distance) if distance is not None else 0.0, nmi)
 
 

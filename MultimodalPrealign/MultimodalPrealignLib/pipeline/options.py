@@ -11,7 +11,7 @@ from .. import crop, engines, prealign
 from ..errors import InputError
 
 #: The engine settings that appear as top-level keys of report.json's ``settings`` (and as CLI options).
-REGISTRATION_KEYS = ("engine", "stages", "sampling_percentage", "iterations", "seed")
+REGISTRATION_KEYS = ("engine", "stages", "sampling_percentage", "iterations", "seed", "brainsfit_path")
 
 
 @dataclass
@@ -37,6 +37,12 @@ class PipelineOptions:
     fallback: bool = True
     #: metrics and verdict only: no pictures and no report.html (batch use)
     no_report: bool = False
+    #: per-structure registration after the global run (``structures``): names of the fixed image's structures, or
+    #: ("all",); empty: off. ``structure_stages``: their stages (rigid by default). ``structure_threshold``: make the
+    #: fixed image's structures automatically (bones above this value, e.g. HU; ``structures.bones``).
+    per_structure: tuple = ()
+    structure_stages: tuple = ("rigid",)
+    structure_threshold: float | None = None
 
     @classmethod
     def create(cls, **values) -> PipelineOptions:
@@ -58,6 +64,10 @@ class PipelineOptions:
                              "use e.g. --spacing-scale 1")
         if self.max_working_voxels < 1000:
             raise InputError(f"Working voxel cap too small ({self.max_working_voxels})", "use at least 1000")
+        self.per_structure = tuple(self.per_structure or ())
+        from ..structures.register import check_structure_stages
+
+        self.structure_stages = check_structure_stages(self.structure_stages)
         return self
 
     def to_dict(self) -> dict:
@@ -81,3 +91,14 @@ class PipelineResult:
     warnings: list
     initial: sitk.Transform | None = None  # the initial transform of the chosen attempt (fixed -> moving)
     structure_pairs: list | None = None  # (name, fixed_ids, moving_ids) compared in the metrics
+    structures: list | None = None  # per-structure results (structures.StructureResult), with --per-structure
+    structure_labels: object = None  # the fixed image's structures they came from (structures.StructureLabels)
+
+    @property
+    def verdict(self) -> str | None:
+        """'PASS', 'WARN' or 'FAIL' (report.json ``verdict``), as the Slicer module's result has it."""
+        return self.report.get("verdict")
+
+    @property
+    def verdict_reasons(self) -> list:
+        return list(self.report.get("verdict_reasons") or [])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .. import crop
+from .. import crop, stopping
 from ..errors import InputError
 from ..geometry import transforms
 from ..io import image_io
@@ -26,11 +26,18 @@ from ..qa import reporting
 from .options import PipelineResult
 
 #: Files `register` writes into its output folder (re-running into a folder holding only these is allowed).
-OUTPUT_FILES = ("transform.h5", "moving_resampled.nrrd", "report.json", "report.html", "pictures")
+OUTPUT_FILES = ("transform.h5", "moving_resampled.nrrd", "report.json", "report.html", "pictures", "structures")
 
 
 def check_output_dir(out_dir: Path) -> None:
-    """Refuse an output folder that holds anything but our own outputs (a previous run's are replaced)."""
+    """Refuse, before any work, an output folder that cannot be written or that holds anything but our own
+    outputs (a previous run's are replaced).
+
+    The outputs are staged beside ``out_dir`` and moved into it, so the nearest existing folder on its path must
+    accept a new folder: this is tried (a folder made and removed), which catches read-only file systems and
+    missing permissions alike, also for root.
+    """
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"The output path '{out_dir}' exists and is a file", "give a folder path to --out")
     if out_dir.is_dir():
@@ -39,6 +46,25 @@ def check_output_dir(out_dir: Path) -> None:
             shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
             raise InputError(f"The output folder '{out_dir}' already holds other files ({shown})",
                              "give a new or empty folder to --out")
+    _check_writable(out_dir.resolve())
+
+
+def _check_writable(out_dir: Path) -> None:
+    """InputError naming the reason when no folder can be made beside/inside ``out_dir``'s nearest existing folder."""
+    existing = out_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"The output folder '{out_dir}' would be inside '{existing}', which is a file",
+                         "give a folder path to --out that is not under a file")
+    probes = [existing] + ([out_dir] if out_dir.is_dir() else [])
+    for folder in probes:
+        try:
+            shutil.rmtree(tempfile.mkdtemp(prefix=".mmp-write-check-", dir=str(folder)))
+        except OSError as err:
+            reason = {13: "permission denied", 30: "read-only file system"}.get(err.errno, err.strerror or str(err))
+            raise InputError(f"The output folder '{out_dir}' cannot be written ({reason} in '{folder}')",
+                             "give --out a folder you can write to") from None
 
 
 def resample_moving(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> sitk.Image:
@@ -61,6 +87,7 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=str(parent)))
+    stopping.track(staging)  # removed if the process must be ended (Ctrl-C during a long write)
     try:
         transforms.write_transform(result.transform, staging / "transform.h5")
         image_io.write_image(resample_moving(fixed, moving, result.transform), staging / "moving_resampled.nrrd")
@@ -68,6 +95,12 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
                              "report": "report.json"}
         if not no_report:
             report["outputs"].update({"report_html": "report.html", "pictures": "pictures/"})
+        if result.structures:  # --per-structure: structures/<name>/transform.h5, ... (structures.outputs)
+            from .. import structures
+
+            structures.write_structure_outputs(staging, report["structures"], result.structures, fixed, moving,
+                                               result.structure_labels, result.transform, pictures=not no_report)
+            report["outputs"]["structures"] = "structures/"
         qa_started = time.perf_counter()
         reporting.finish_report(report, staging, fixed, moving, result.initial or result.prealign.transform,
                                 result.transform, fixed_labels, moving_labels, result.structure_pairs,
@@ -77,15 +110,27 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
         report["timings_s"]["total_with_io"] = round(report["timings_s"]["total"] + load_seconds
                                                      + report["timings_s"]["write"], 3)
         (staging / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
-        move_into_place(staging, out_dir)
+        progress.check_cancelled()  # the last point where a stop leaves the output folder as it was
+        with stopping.committing():
+            move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        stopping.untrack(staging)
     progress.report("write", 1.0, f"outputs in {out_dir}")
 
 
 def move_into_place(staging: Path, out_dir: Path) -> None:
-    """Move everything in ``staging`` into ``out_dir`` (created), replacing same-named files or folders."""
+    """Move everything in ``staging`` into ``out_dir`` (created), replacing same-named files or folders; a previous
+    run's outputs that this run did not make (report.html and pictures/ after a --no-report rerun) are removed,
+    so the folder never mixes two runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    made = {item.name for item in staging.iterdir()}
+    for name in OUTPUT_FILES:
+        stale = out_dir / name
+        if name not in made and stale.is_dir():
+            shutil.rmtree(stale)
+        elif name not in made and stale.exists():
+            stale.unlink()
     for item in staging.iterdir():
         target = out_dir / item.name
         if target.is_dir():

@@ -1,12 +1,13 @@
 """The stages of a run around the attempts, in order; each takes the :class:`RunState` and records its results.
 
 check inputs -> diagnose (headers and images) -> pre-align -> diagnose (overlap under the pre-alignment)
--> QA setup -> [attempts: :mod:`pipeline.attempts`] -> report. Transforms map FIXED physical points to MOVING
-physical points (LPS mm).
+-> QA setup -> [attempts: :mod:`pipeline.attempts`] -> structures (``--per-structure`` only) -> report.
+Transforms map FIXED physical points to MOVING physical points (LPS mm).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 import time
@@ -14,10 +15,11 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from .. import __version__, diagnose, prealign
+from .. import __version__, diagnose, prealign, structures
+from ..errors import InputError
 from ..geometry import image_space, resample, transforms
-from ..io import image_io
-from ..qa import metrics
+from ..io import image_io, plausibility
+from ..qa import metrics, verdict
 from .options import PipelineResult
 from .state import QA_SPACING_MM, RunState
 
@@ -26,11 +28,54 @@ def check_inputs(state: RunState) -> None:
     """Refuse unusable images and label maps on other grids; keep float32 copies for the stages."""
     state.fixed = image_io.check_image(state.fixed, "fixed image")
     state.moving = image_io.check_image(state.moving, "moving image")
+    plausibility.check_pair(state.fixed, state.moving)  # images in other units (metres vs mm, a voxel size x100)
     if state.fixed_labels is not None:
-        image_io.check_label_grid(state.fixed_labels, state.fixed, "fixed label map", "fixed image")
+        image_io.check_label_map(state.fixed_labels, state.fixed, "fixed label map", "fixed image")
     if state.moving_labels is not None:
-        image_io.check_label_grid(state.moving_labels, state.moving, "moving label map", "moving image")
+        image_io.check_label_map(state.moving_labels, state.moving, "moving label map", "moving image")
     state.fixed_f, state.moving_f = image_io.as_float32(state.fixed), image_io.as_float32(state.moving)
+    if state.options.per_structure:
+        check_structures(state)
+
+
+def check_structures(state: RunState) -> None:
+    """``--per-structure``: the fixed image's structures by name (given, from the fixed label map, or automatic bones
+    by threshold), checked before anything runs: InputError when there are none or none of the requested names
+    exists (a single missing name is that structure's error; the others still run)."""
+    options = state.options
+    if state.structure_labels is None and options.structure_threshold is not None:
+        state.structure_labels = structures.threshold_bone_labels(state.fixed_f, float(options.structure_threshold))
+    elif state.structure_labels is None and state.fixed_labels is not None:
+        state.structure_labels = structures.from_label_image(state.fixed_labels, options.fixed_labels_task)
+    if state.structure_labels is None:
+        raise InputError("--per-structure needs the structures of the fixed image",
+                         "give --fixed-labels (a label map or segmentation of the fixed image, structures named as in "
+                         "it) or --structures-from-threshold HU (bones of a CT or microCT)")
+    if state.moving_structure_labels is None and state.moving_labels is not None:
+        state.moving_structure_labels = structures.from_label_image(state.moving_labels, options.moving_labels_task)
+    chosen, problems = structures.select(state.structure_labels, options.per_structure)
+    if not chosen:
+        raise InputError(problems[0][1].split(" Fix: ")[0] if problems else "The fixed label map holds no structure",
+                         "use names of the fixed label map in --per-structure, or 'all'")
+
+
+def register_structures(state: RunState) -> None:
+    """``--per-structure``: each named structure registered on its own from the chosen attempt's result
+    (:func:`structures.run`); its results and report.json's ``structures`` block go into the state."""
+    options = state.options
+    if not options.per_structure:
+        return
+    started = time.perf_counter()
+    registration = dataclasses.replace(options.registration, engine=state.chosen.engine,
+                                       stages=tuple(options.structure_stages))
+    if state.custom_engine:  # the caller's tools ran the global registration; the structures use the core's engine
+        registration.engine = "itk" if state.chosen.engine not in ("itk", "elastix") else state.chosen.engine
+    settings = structures.StructureSettings(registration=registration)
+    state.structure_results, state.structures_report = structures.run(
+        state.fixed_f, state.moving_f, state.chosen.result.transform, state.structure_labels, options.per_structure,
+        settings, state.moving_structure_labels, state.progress.span(0.93, 0.94),
+        None if state.custom_engine else state.register_fn)
+    state.timings["structures"] = time.perf_counter() - started
 
 
 def diagnose_images(state: RunState) -> None:
@@ -49,7 +94,7 @@ def prealign_pair(state: RunState) -> None:
         fixed=state.fixed_f, moving=state.moving_f, fixed_labels=state.fixed_labels,
         moving_labels=state.moving_labels, fixed_labels_task=options.fixed_labels_task,
         moving_labels_task=options.moving_labels_task, seed=options.registration.seed,
-        options=dict(options.prealign_options), progress=progress)
+        options=dict(options.prealign_options), progress=progress.span(0.05, 0.35))
     pre = prealign.run_prealign(options.prealign, inputs)
     state.timings["prealign"] = time.perf_counter() - started
     state.warnings.extend(pre.warnings)
@@ -81,12 +126,16 @@ def report(state: RunState) -> PipelineResult:
     chosen = state.chosen
     state.timings["total"] = time.perf_counter() - state.started
     content = _report_content(state)
+    verdict.apply_verdict(content)  # judged again with the inputs' own geometry (the content check)
+    if state.structures_report is not None:
+        content["structures"] = state.structures_report
     state.progress.report("done", 0.94, f"registration pipeline finished in {state.timings['total']:.1f} s "
                           f"(verdict {content['verdict']})")
     result = PipelineResult(chosen.result.transform, state.prealignment, chosen.plan, chosen.result, content,
                             state.warnings)
     result.initial = chosen.initial
     result.structure_pairs = state.structure_pairs
+    result.structures, result.structure_labels = state.structure_results, state.structure_labels
     return result
 
 
@@ -108,7 +157,8 @@ def _report_content(state: RunState) -> dict:
         "diagnostics": state.diagnostics,
         "prealign": {"method": pre.method, "requested": options.prealign,
                      "transform": transforms.summarize(pre.transform), "initial_transform_used": chosen.label,
-                     "details": pre.details, "candidates": pre.candidates},
+                     "details": pre.details, "candidates": top_candidates(pre.candidates),
+                     "candidates_total": len(pre.candidates)},
         "crop": chosen.plan.details,
         "registration": {"engine": chosen.engine, "stages": chosen.result.stages, "guard": chosen.guard,
                          "transform": transforms.summarize(final),
@@ -120,6 +170,20 @@ def _report_content(state: RunState) -> dict:
         "timings_s": {k: round(v, 3) for k, v in state.timings.items()},
         "warnings": state.warnings,
     }
+
+
+#: report.json keeps this many pre-alignment candidates, the best scores first (a search scores thousands of poses;
+#: the fallback uses them all, from the pre-alignment's result).
+REPORT_CANDIDATES = 10
+
+
+def top_candidates(candidates: list, count: int = REPORT_CANDIDATES) -> list:
+    """The ``count`` best-scored candidate records (records without a score last), best first."""
+    def score(record) -> float:
+        value = record.get("score") if isinstance(record, dict) else None
+        return float(value) if isinstance(value, (int, float)) else float("-inf")
+
+    return sorted(candidates, key=score, reverse=True)[:count]
 
 
 def _describe_inputs(state: RunState) -> dict:

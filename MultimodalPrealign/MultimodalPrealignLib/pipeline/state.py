@@ -72,6 +72,12 @@ class RunState:
     attempt_plan: list = field(default_factory=list)
     qa_report: dict | None = None
     chosen: Attempt | None = None
+    # per-structure registration (options.per_structure): the structures of the fixed / moving image by name
+    # (structures.StructureLabels; from the label maps when not given), the results, report.json's block
+    structure_labels: object = None
+    moving_structure_labels: object = None
+    structure_results: list | None = None
+    structures_report: dict | None = None
 
     @classmethod
     def start(cls, fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None,

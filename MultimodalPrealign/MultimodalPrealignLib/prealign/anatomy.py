@@ -613,54 +613,117 @@ def _mean(values) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- label refinement
-def refine_by_overlap(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix: np.ndarray, names: dict,
-                      scale: bool, seed: int = 0, spacing_mm: float = 3.0) -> np.ndarray:
-    """Rigid (or similarity) refinement maximising the overlap of corresponding labels.
+@dataclass
+class _LabelSide:
+    """One image's side of the label-overlap measure: per structure number, systematic voxel-centre samples
+    (physical LPS mm, concatenated; ``slices[k]`` picks structure k's) and a Gaussian-smoothed indicator on a
+    sub-box of the label grid (``fields[k]`` = (array z, y, x; index of its first voxel, x, y, z)), the volume
+    each sample stands for (ml), and the grid's physical -> continuous index matrix and size."""
 
-    Fixed structure voxels (samples) are mapped into the moving image and score the Gaussian-smoothed
-    moving indicator of the SAME structure; points that land outside the moving field of view are
-    ignored, so cut structures do not pull. Two passes (smoothing 2 and 1 voxels at ``spacing_mm``).
-    """
-    rng = np.random.default_rng(seed)
-    moving_small = _resample_iso(moving_canon, spacing_mm)
-    m_array = sitk.GetArrayViewFromImage(moving_small)
-    a_m, o_m = index_to_physical_matrix(moving_small)
-    inv_a_m = np.linalg.inv(a_m)
-    f_array = sitk.GetArrayViewFromImage(fixed_canon)
-    a_f, o_f = index_to_physical_matrix(fixed_canon)
-    samples = []
-    for k in names.values():
-        idx = np.argwhere(f_array == k)
+    points: np.ndarray
+    slices: dict
+    fields: dict
+    sample_ml: dict
+    to_index: np.ndarray
+    size: np.ndarray
+
+    def inside(self, index: np.ndarray) -> np.ndarray:
+        """Which continuous indices fall inside this image's field of view (voxel-edge extent)."""
+        return np.all((index >= -0.5) & (index <= self.size - 0.5), axis=1)
+
+    def values(self, k: int, index: np.ndarray) -> np.ndarray:
+        """The smoothed indicator of structure ``k`` at continuous indices of the grid (0 outside its sub-box)."""
+        field_k, first = self.fields[k]
+        return ndimage.map_coordinates(field_k, (index - first)[:, ::-1].T, order=1, mode="constant", cval=0.0)
+
+
+def _label_side(labels: sitk.Image, numbers, sigma_mm: float, max_samples: int) -> _LabelSide:
+    """Samples (at most ``max_samples`` per structure) and indicators smoothed by a Gaussian of ``sigma_mm`` of the
+    structures ``numbers`` in a (canonical) label image."""
+    array = sitk.GetArrayViewFromImage(labels)
+    a, origin = index_to_physical_matrix(labels)
+    to_index = np.eye(4)
+    to_index[:3, :3] = np.linalg.inv(a)
+    to_index[:3, 3] = -to_index[:3, :3] @ origin
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    sigma_voxels = sigma_mm / np.asarray(labels.GetSpacing(), float)[::-1]  # z, y, x
+    pad = np.ceil(3 * sigma_voxels).astype(int) + 1
+    points, slices, fields, sample_ml, count = [], {}, {}, {}, 0
+    for k in numbers:
+        idx = np.argwhere(array == k)  # z, y, x
         if len(idx) == 0:
             continue
-        if len(idx) > 800:
-            idx = idx[rng.choice(len(idx), 800, replace=False)]
-        pts = idx[:, ::-1].astype(float) @ a_f.T + o_f
-        samples.append((k, pts))
-    if not samples:
-        return matrix
-    center = np.mean(np.concatenate([p for _, p in samples]), axis=0)
+        stride = max(1, int(math.ceil(len(idx) / max_samples)))
+        chosen = idx[::stride, ::-1].astype(float) @ a.T + origin
+        points.append(chosen)
+        slices[k] = slice(count, count + len(chosen))
+        count += len(chosen)
+        sample_ml[k] = stride * voxel_ml
+        lo = np.maximum(idx.min(0) - pad, 0)
+        hi = np.minimum(idx.max(0) + pad + 1, array.shape)
+        box = np.asarray(array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]) == k
+        fields[k] = (ndimage.gaussian_filter(box.astype(np.float32), sigma_voxels), lo[::-1].astype(float))
+    return _LabelSide(np.concatenate(points) if points else np.zeros((0, 3)), slices, fields, sample_ml, to_index,
+                      np.asarray(labels.GetSize(), float))
+
+
+def common_fov_dice(fixed_side: _LabelSide, moving_side: _LabelSide, matrix: np.ndarray) -> dict[int, float]:
+    """Soft Dice of each structure within the common field of view under ``matrix`` (fixed -> moving).
+
+    Symmetric: fixed samples that land inside the moving field of view score the moving structure's smoothed
+    indicator there, moving samples that land inside the fixed field of view (through the inverse) the fixed
+    one's; Dice = (overlap seen from both sides) / (volume of both structures inside the common field of view).
+    Structures with fewer than 10 samples in the common field of view are left out.
+    """
+    in_moving = apply_matrix(moving_side.to_index @ matrix, fixed_side.points)
+    in_fixed = apply_matrix(fixed_side.to_index @ np.linalg.inv(matrix), moving_side.points)
+    keep_fixed, keep_moving = moving_side.inside(in_moving), fixed_side.inside(in_fixed)
+    out = {}
+    for k, rows_f in fixed_side.slices.items():
+        rows_m = moving_side.slices.get(k)
+        if rows_m is None:
+            continue
+        keep_f, keep_m = keep_fixed[rows_f], keep_moving[rows_m]
+        n_f, n_m = int(keep_f.sum()), int(keep_m.sum())
+        if n_f + n_m < 10:
+            continue
+        v_f, v_m = fixed_side.sample_ml[k], moving_side.sample_ml[k]
+        overlap = (v_f * float(moving_side.values(k, in_moving[rows_f][keep_f]).sum())
+                   + v_m * float(fixed_side.values(k, in_fixed[rows_m][keep_m]).sum()))
+        out[k] = overlap / (v_f * n_f + v_m * n_m)
+    return out
+
+
+def refine_by_overlap(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix: np.ndarray, names: dict,
+                      scale: bool, seed: int = 0, spacing_mm: float = 2.0,
+                      passes: tuple = ((6.0, 300), (1.5, 600))) -> np.ndarray:
+    """Rigid (or similarity) refinement maximising the overlap of same-named labels in the common field of view.
+
+    The measure (:func:`common_fov_dice`, mean over the structures ``names``: name -> number in the canonical
+    label images) looks only where BOTH images exist and from both sides, so a structure cut by a field of view
+    is compared only where both images show it, and sliding part of it out of view earns nothing. One Powell
+    search per entry of ``passes`` = (Gaussian smoothing of the indicators in mm, samples per structure and
+    side), on label copies no finer than ``spacing_mm``. Deterministic (``seed`` is unused; kept for the
+    signature). Returns the 4x4 fixed -> moving matrix (LPS mm).
+    """
+    del seed
+    fixed_small = _resample_iso(fixed_canon, spacing_mm)
+    moving_small = _resample_iso(moving_canon, spacing_mm)
+    numbers = sorted(set(names.values()))
     current = matrix.copy()
-    for sigma in (2.0, 1.0):
-        fields = {k: ndimage.gaussian_filter((m_array == k).astype(np.float32), sigma) for k, _ in samples}
-        size = np.array(m_array.shape[::-1], float)
+    for sigma_mm, max_samples in passes:
+        fixed_side = _label_side(fixed_small, numbers, sigma_mm, max_samples)
+        moving_side = _label_side(moving_small, numbers, sigma_mm, max_samples)
+        if not set(fixed_side.slices) & set(moving_side.slices):
+            return matrix
+        center = fixed_side.points.mean(0)
 
-        def cost(x: np.ndarray, base=current, fields=fields, size=size) -> float:
-            m = _perturb(base, x, center, scale)
-            total, weight = 0.0, 0
-            for k, pts in samples:
-                idx = (apply_matrix(m, pts) - o_m) @ inv_a_m.T
-                ok = np.all((idx >= 0) & (idx <= size - 1), axis=1)
-                if ok.sum() < 10:
-                    continue
-                values = ndimage.map_coordinates(fields[k], idx[ok][:, ::-1].T, order=1, mode="constant")
-                total += float(values.mean())
-                weight += 1
-            return -total / max(weight, 1)
+        def cost(x: np.ndarray, base=current, fixed_side=fixed_side, moving_side=moving_side, center=center):
+            dice = common_fov_dice(fixed_side, moving_side, _perturb(base, x, center, scale))
+            return -float(np.mean(list(dice.values()))) if dice else 0.0
 
-        x0 = np.zeros(7 if scale else 6)
-        result = minimize(cost, x0, method="Powell",
-                          options={"xtol": 1e-2, "ftol": 1e-5, "maxfev": 800})
+        result = minimize(cost, np.zeros(7 if scale else 6), method="Powell",
+                          options={"xtol": 2e-2, "ftol": 1e-5, "maxfev": 1000})
         current = _perturb(current, result.x, center, scale)
     return current
 
@@ -763,7 +826,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     moving_canon = canonical_image(inputs.moving_labels, moving_map, numbers)
     dice_before = dice_scores(fixed_canon, moving_canon, np.eye(4), numbers)
     dice_fit = dice_scores(fixed_canon, moving_canon, matrix, numbers)
-    final, dice_after, refinement = _refine_on_labels(fixed_canon, moving_canon, matrix, kind, used, numbers,
+    final, dice_after, refinement = _refine_on_labels(fixed_canon, moving_canon, matrix, kind, pairs, numbers,
                                                       dice_fit, settings, inputs)
     center = np.mean([p.fixed.centroid for p in used], axis=0) if used else np.zeros(3)
     transform = _matrix_to_transform(final, kind, center)
@@ -805,28 +868,53 @@ def _match_structures(inputs: PrealignInputs, settings: dict) -> tuple[dict, dic
     return tasks, fixed_map, moving_map, pairs, one_side
 
 
+def _refinement_pairs(pairs: list[Pair]) -> list[Pair]:
+    """The structures the label-overlap refinement compares: the used ones and the ones rejected as outliers of
+    the centroid fit (a wrong rotation makes good structures look like outliers), not those too small or with too
+    little in common."""
+    return [p for p in pairs if p.status == "used" or (p.status == "rejected" and p.reason.startswith("outlier"))]
+
+
+def _refine_wanted(setting, used: list[Pair]) -> tuple[bool, str]:
+    """(run the label-overlap refinement?, why): ``refine_labels`` True / False, or "auto": when a used
+    structure is cut by a field of view (centroids of cut structures leave rotations poorly pinned)."""
+    if isinstance(setting, str):
+        if setting != "auto":
+            raise InputError(f"Unknown anatomy refine_labels '{setting}'", "use true, false or auto")
+        cut = [p.name for p in used if p.truncated]
+        return bool(cut), (f"auto: {len(cut)} used structure(s) cut by a field of view" if cut
+                           else "auto: no used structure is cut by a field of view")
+    return bool(setting), "requested" if setting else "not requested"
+
+
 def _refine_on_labels(fixed_canon: sitk.Image, moving_canon: sitk.Image, matrix: np.ndarray, kind: str,
-                      used: list[Pair], numbers: dict[str, int], dice_fit: tuple[dict, dict], settings: dict,
+                      pairs: list[Pair], numbers: dict[str, int], dice_fit: tuple[dict, dict], settings: dict,
                       inputs: PrealignInputs) -> tuple[np.ndarray, tuple[dict, dict], dict]:
-    """(final matrix, its Dice (whole, common field of view), record): the label-overlap refinement, kept only
-    when it raises the mean common-field-of-view Dice of the used structures."""
-    refinement: dict = {"requested": bool(settings["refine_labels"])}
-    if not (settings["refine_labels"] and kind != "translation" and used):
+    """(final matrix, its Dice (whole, common field of view), record): the label-overlap refinement in the common
+    field of view (:func:`refine_by_overlap`), kept only when it raises the mean common-field-of-view Dice of the
+    structures it compares."""
+    used = [p for p in pairs if p.status == "used"]
+    wanted, why = _refine_wanted(settings["refine_labels"], used)
+    refinement: dict = {"requested": wanted, "why": why}
+    compared = _refinement_pairs(pairs)
+    if not (wanted and kind != "translation" and compared):
         return matrix, dice_fit, refinement
-    inputs.progress.report("prealign", 0.6, "anatomy: refining on label overlap")
-    used_numbers = {p.name: numbers[p.name] for p in used}
-    refined = refine_by_overlap(fixed_canon, moving_canon, matrix, used_numbers, kind == "similarity", inputs.seed)
+    inputs.progress.report("prealign", 0.6, "anatomy: refining on label overlap in the common field of view")
+    chosen = {p.name: numbers[p.name] for p in compared}
+    refined = refine_by_overlap(fixed_canon, moving_canon, matrix, chosen, kind == "similarity", inputs.seed,
+                                float(settings["refine_spacing_mm"]),
+                                tuple((float(sigma), int(n)) for sigma, n in settings["refine_passes"]))
     dice_refined = dice_scores(fixed_canon, moving_canon, refined, numbers)
-    before = _mean(dice_fit[1][p.name] for p in used) or 0.0
-    after = _mean(dice_refined[1][p.name] for p in used) or 0.0
-    moved = _matrix_change_mm(refined, matrix, np.array([p.fixed.centroid for p in used]))
-    refinement.update({"mean_dice_used_before": before, "mean_dice_used_after": after,
-                       "change_mm": round(moved, 3)})
+    before = _mean(dice_fit[1][p.name] for p in compared) or 0.0
+    after = _mean(dice_refined[1][p.name] for p in compared) or 0.0
+    moved = _matrix_change_mm(refined, matrix, np.array([p.fixed.centroid for p in compared]))
+    refinement.update({"structures": sorted(chosen), "mean_dice_used_before": before,
+                       "mean_dice_used_after": after, "change_mm": round(moved, 3)})
     if after > before + 1e-4:
         refinement["kept"] = True
         return refined, dice_refined, refinement
     refinement["kept"] = False
-    refinement["why_not"] = "label overlap did not improve the Dice of the used structures"
+    refinement["why_not"] = "label overlap in the common field of view did not improve the Dice of these structures"
     return matrix, dice_fit, refinement
 
 

@@ -128,9 +128,11 @@ class Level:
     info: dict = field(default_factory=dict)
 
 
-def shrink_factors(spacing, target_mm: float) -> list[int]:
-    """Integer BinShrink factors that bring ``spacing`` (mm) close to ``target_mm`` (never below 1)."""
-    return [max(1, int(round(target_mm / float(s)))) for s in spacing]
+def shrink_factors(spacing, target_mm: float, size=None) -> list[int]:
+    """Integer BinShrink factors that bring ``spacing`` (mm) close to ``target_mm`` (never below 1; never above
+    ``size``, the image's voxel counts, so a slab thinner than ``target_mm`` keeps one voxel instead of failing)."""
+    factors = [max(1, int(round(target_mm / float(s)))) for s in spacing]
+    return factors if size is None else [min(f, max(1, int(n))) for f, n in zip(factors, size)]
 
 
 def _index_from_physical(image: sitk.Image) -> np.ndarray:
@@ -152,7 +154,7 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
     ``masks_from``: a (coarser) level of the same image whose body and body+rim masks are resampled
     (nearest neighbour) instead of thresholding and dilating again at this level.
     """
-    factors = shrink_factors(image.GetSpacing(), target_mm)
+    factors = shrink_factors(image.GetSpacing(), target_mm, image.GetSize())
     small, array = _box_averaged(image, factors)
     body, body_image, region, region_image, has_body = _body_and_region(small, array, rim_mm, masks_from)
     scaled, lo, hi = _scaled_intensities(small, array, region, bins)
@@ -613,7 +615,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     """Global rigid search; the result maps fixed physical LPS points to moving ones (Euler3DTransform)."""
     started = time.perf_counter()
     run, scale = _start_run(inputs)
-    run.progress.report("prealign", 0.1, "search: preparing coarse copies")
+    run.progress.report("prealign", 0.15, "search: preparing coarse copies")
     run.lap_started = time.perf_counter()
     # float32 first: BinShrink of an integer image rounds the averages, and the result would then depend on
     # whether the caller passed int16 (files) or float32 (the pipeline)
@@ -639,7 +641,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     run.timings["cpu_s"] = round(budget_clock() - run.cpu_started, 3)
     records = _candidate_records(global_scored, local + finals, int(run.options["max_recorded_candidates"]))
     details = _search_details(run, scale, best, len(cands), global_scored, coarse, fine)
-    run.progress.report("prealign", 0.3, f"search: done in {total:.1f} s (score {best.score:.3f})")
+    run.progress.report("prealign", 0.95, f"search: done in {total:.1f} s (score {best.score:.3f})")
     return PrealignResult("search", transform, details, run.warnings, records)
 
 
@@ -660,7 +662,8 @@ def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int
     levels = {}
     for name, image, level_seed in (("fixed", fixed_image, seed), ("moving", moving_image, seed + 1)):
         # the coarse level first (its body mask is cheap), then the fine level reusing that mask
-        fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"]))
+        fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"],
+                                                          image.GetSize()))
         coarse = make_level(fine_image, options["coarse_spacing_mm"], bins, int(options["max_points_coarse"]),
                             options["rim_mm"], level_seed)
         fine = make_level(fine_image, options["fine_spacing_mm"], bins, int(options["max_points_fine"]),
@@ -691,7 +694,7 @@ def _score_global_candidates(coarse: Scorer, run: _Run) -> tuple[list[Candidate]
             break
     if scored < len(cands):
         run.warnings.append(f"search: time budget reached; scored {scored} of {len(cands)} global candidates")
-    run.progress.report("prealign", 0.2, f"search: {scored} poses scored")
+    run.progress.report("prealign", 0.5, f"search: {scored} poses scored")
     run.lap("global_s")
     return cands, cands[:scored]
 

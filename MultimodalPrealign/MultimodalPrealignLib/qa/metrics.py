@@ -26,10 +26,12 @@ MAX_LABEL_VOXELS = 8_000_000
 
 
 def mutual_information(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform,
-                       bins: int = 32) -> dict:
+                       bins: int = 32, chance: bool = False) -> dict:
     """Mutual information (nats) and normalised MI over the voxels of ``fixed`` that map inside ``moving``.
 
     Computed on the given grids (pass coarse working copies for speed). NMI = (H(F)+H(M))/H(F,M), in [1, 2].
+    ``chance``: also ``nmi_chance``, the NMI of the same voxel pairs with the moving values shuffled (seeded):
+    what two unrelated images reach on this many samples (slightly above 1; far above 1 for a few samples).
     """
     outside = np.float32(np.nan)
     warped = resample_onto(sitk.Cast(moving, sitk.sitkFloat32), sitk.Cast(fixed, sitk.sitkFloat32),
@@ -39,19 +41,28 @@ def mutual_information(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: s
     inside = np.isfinite(m)
     count = int(inside.sum())
     if count < 64:
-        return {"mi": 0.0, "nmi": 1.0, "samples": count}
+        out = {"mi": 0.0, "nmi": 1.0, "samples": count}
+        return {**out, "nmi_chance": 1.0} if chance else out
     f, m = f[inside], m[inside]
     f_range = _robust_range(f)
     m_range = _robust_range(m)
-    hist = joint_histogram(f, m, f_range, m_range, bins)
+    mi, nmi = _mi_nmi(joint_histogram(f, m, f_range, m_range, bins))
+    out = {"mi": round(mi, 6), "nmi": round(nmi, 6), "samples": count}
+    if chance:
+        shuffled = np.random.default_rng(0).permutation(m)
+        out["nmi_chance"] = round(_mi_nmi(joint_histogram(f, shuffled, f_range, m_range, bins))[1], 6)
+    return out
+
+
+def _mi_nmi(hist: np.ndarray) -> tuple[float, float]:
+    """(MI in nats, NMI) of a joint histogram."""
     p = hist / hist.sum()
     pf, pm = p.sum(1), p.sum(0)
     nz = p > 0
     h_joint = -np.sum(p[nz] * np.log(p[nz]))
     h_f = -np.sum(pf[pf > 0] * np.log(pf[pf > 0]))
     h_m = -np.sum(pm[pm > 0] * np.log(pm[pm > 0]))
-    return {"mi": round(float(h_f + h_m - h_joint), 6), "nmi": round(float((h_f + h_m) / max(h_joint, 1e-12)), 6),
-            "samples": count}
+    return float(h_f + h_m - h_joint), float((h_f + h_m) / max(h_joint, 1e-12))
 
 
 def _bin_index(values: np.ndarray, value_range: tuple[float, float], bins: int) -> np.ndarray:
@@ -72,8 +83,8 @@ def _robust_range(values: np.ndarray) -> tuple[float, float]:
 
 
 def alignment_metrics(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> dict:
-    """MI, NMI and overlap fractions of the pair under ``fixed_to_moving``."""
-    result = mutual_information(fixed, moving, fixed_to_moving)
+    """MI, NMI (and its chance level ``nmi_chance``) and overlap fractions of the pair under ``fixed_to_moving``."""
+    result = mutual_information(fixed, moving, fixed_to_moving, chance=True)
     overlap = overlap_fractions(fixed, moving, fixed_to_moving)
     result["overlap_fraction_fixed"] = round(overlap["fixed"], 4)
     result["overlap_fraction_moving"] = round(overlap["moving"], 4)

@@ -1,11 +1,13 @@
-"""QA pictures (PNG, Pillow only): fusion, checkerboard, edges and structure outlines, before and after.
+"""QA pictures (PNG, Pillow only): fusion, checkerboard, edges and structure outlines, in up to three states.
 
-Every picture is a row of three panels through the centre of the overlap, in the FIXED image's physical
-frame on an axis-aligned LPS display grid (~1 mm or coarser): axial, coronal and sagittal, shown the way
-radiologists read them (axial/coronal: patient's right on the viewer's left; axial: anterior up;
-coronal/sagittal: superior up; sagittal: anterior on the left). The moving image is resampled through the
-fixed->moving transform (ITK convention, LPS mm) onto the same grid, so "before" and "after" differ only by
-where the moving image lands.
+The states: ``header`` (as the headers place the images: the original misalignment), ``before`` (after
+pre-alignment) and ``after`` (after registration). Every picture is a row of three panels through the centre
+of the overlap, in the FIXED image's physical frame on an axis-aligned LPS display grid (~1 mm or coarser):
+axial, coronal and sagittal, shown the way radiologists read them (axial/coronal: patient's right on the
+viewer's left; axial: anterior up; coronal/sagittal: superior up; sagittal: anterior on the left). The moving
+image is resampled through the fixed->moving transform (ITK convention, LPS mm) onto the same grid, so the
+states differ only by where the moving image lands. A thin overlap (a slab) is shown with its surroundings
+(each side of the region at least :data:`MIN_SIDE_FRACTION` of the longest), not as a strip.
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ KIND_TITLES = {
     "checkerboard": ("Checkerboard", "squares alternate fixed / moving: edges should run on across squares"),
     "fusion": ("Fusion", "fixed in grey, moving in orange; cyan line = edge of the moving scan"),
 }
-STAGE_TITLES = {"before": "BEFORE registration (pre-alignment only)", "after": "AFTER registration"}
+STAGE_TITLES = {"header": "AS THE HEADERS PLACE THEM (no pre-alignment)",
+                "before": "AFTER PRE-ALIGNMENT (before registration)", "after": "AFTER REGISTRATION"}
+#: Order of the states in the report (left to right).
+STAGE_ORDER = ("header", "before", "after")
+#: Each side of the displayed region is at least this share of its longest side (when the fixed image allows).
+MIN_SIDE_FRACTION = 0.5
 
 
 @dataclass
@@ -71,15 +78,48 @@ def overlap_box(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Tra
 
 def display_grid(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform,
                  min_spacing_mm: float = 1.0, margin_fraction: float = 0.1) -> DisplayGrid:
-    """Region shown: the overlap (plus a margin) inside the fixed image's box, at ~``PANEL_PIXELS`` pixels."""
+    """Region shown: the overlap (plus a margin) inside the fixed image's box, at ~``PANEL_PIXELS`` pixels.
+
+    A thin overlap (a slab) is widened to :data:`MIN_SIDE_FRACTION` of its longest side, as far as the fixed
+    image reaches, so its surroundings show; the slice planes still cut through the overlap's centre.
+    """
     fixed_box = bounding_box(fixed)
     region = overlap_box(fixed, moving, fixed_to_moving)
     if region is None or region.volume <= 0:
         region = fixed_box
     centre = region.center
     region = region.expanded(float(region.size.max()) * margin_fraction).intersect(fixed_box)
+    region = _widened(region, fixed_box, MIN_SIDE_FRACTION)
     spacing = max(float(min_spacing_mm), float(region.size.max()) / PANEL_PIXELS)
     return DisplayGrid(region, spacing, np.asarray(centre, dtype=float))
+
+
+def _widened(region: Box, limit: Box, fraction: float) -> Box:
+    """``region`` with every side at least ``fraction`` of its longest, kept inside ``limit`` (moved, then cut)."""
+    lower, upper = np.asarray(region.lower, float), np.asarray(region.upper, float)
+    low_limit, high_limit = np.asarray(limit.lower, float), np.asarray(limit.upper, float)
+    want = fraction * float(region.size.max())
+    for axis in range(3):
+        missing = want - (upper[axis] - lower[axis])
+        if missing <= 0:
+            continue
+        lower[axis] -= missing / 2
+        upper[axis] += missing / 2
+        if lower[axis] < low_limit[axis]:
+            upper[axis] += low_limit[axis] - lower[axis]
+        if upper[axis] > high_limit[axis]:
+            lower[axis] -= upper[axis] - high_limit[axis]
+        lower[axis], upper[axis] = max(lower[axis], low_limit[axis]), min(upper[axis], high_limit[axis])
+    return Box(tuple(lower.tolist()), tuple(upper.tolist()))
+
+
+def plane_caption(plane: str, centre_mm: np.ndarray) -> str:
+    """'Axial at S 12 mm': the plane and where it cuts, as an anatomical letter and a distance (LPS mm; the
+    letter of the positive direction for 0, never '-0')."""
+    axis = PLANE_NORMAL[plane]
+    value = int(round(float(centre_mm[axis])))
+    letter = (("L", "R"), ("P", "A"), ("S", "I"))[axis][1 if value < 0 else 0]
+    return f"{plane.capitalize()} at {letter} {abs(value)} mm"
 
 
 def _plane_reference(grid: DisplayGrid, plane: str) -> sitk.Image:
@@ -245,9 +285,7 @@ def compose_row(panels: list[np.ndarray], grid: DisplayGrid, title: str, legend:
     scale = max(1.0, PANEL_PIXELS / longest)
     images = []
     for plane, rgb in zip(PLANES, panels):
-        axis = PLANE_NORMAL[plane]
-        caption = f"{plane.capitalize()}  ({AXIS_NAMES[axis]} {grid.centre_mm[axis]:+.0f} mm)"
-        images.append(_panel_image(rgb, plane, scale, caption))
+        images.append(_panel_image(rgb, plane, scale, plane_caption(plane, grid.centre_mm)))
     gap = 8
     title_font, legend_font = _font(17), _font(14)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -282,15 +320,18 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
                     reference_stage: str = "after", prefix: str = "") -> dict[str, str]:
     """Write PNGs ``<kind>_<stage>.png`` into ``out_dir``; return {"<kind>_<stage>": file name}.
 
-    ``transforms``: stage name ("before", "after", ...) -> fixed->moving transform (LPS mm). All stages are
-    shown on the same display grid (the overlap of the ``reference_stage`` transform). ``outlines`` needs both
-    label maps; ``pairs`` ((name, fixed_ids, moving_ids) triples) says which structures correspond (default:
-    equal ids). Pictures are written atomically (temporary name, then rename).
+    ``transforms``: stage name ("header", "before", "after", ...) -> fixed->moving transform (LPS mm). All stages
+    are shown on the same display grid (the overlap of the ``reference_stage`` transform) with the moving image
+    in the same window (taken from the reference stage). A stage whose moving image falls outside the view says
+    so in its title. ``outlines`` needs both label maps; ``pairs`` ((name, fixed_ids, moving_ids) triples) says
+    which structures correspond (default: equal ids). Pictures are written atomically (temporary name, then
+    rename).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = list(transforms)
-    grid = display_grid(fixed, moving, transforms.get(reference_stage, transforms[stages[-1]]))
+    reference = reference_stage if reference_stage in transforms else stages[-1]
+    grid = display_grid(fixed, moving, transforms[reference])
     have_labels = fixed_labels is not None and moving_labels is not None
     if have_labels and pairs is None:
         pairs = pairs_by_id(fixed_labels, moving_labels)
@@ -301,15 +342,17 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
     if have_labels:
         table = _structure_lookup(pairs, True, int(sitk.GetArrayViewFromImage(fixed_labels).max()))
         fixed_structures = [table[sample_plane(fixed_labels, grid, p, labels=True)] for p in PLANES]
-    written: dict[str, str] = {}
+    moving_planes = {stage: [sample_plane(moving, grid, p, transforms[stage]) for p in PLANES] for stage in stages}
     moving_window = None
+    for stage in [reference] + stages:  # one window for every stage, from the reference stage if it shows data
+        if any(np.isfinite(a).any() for a in moving_planes[stage]):
+            moving_window = window(moving_planes[stage])
+            break
+    written: dict[str, str] = {}
     for stage in stages:
         transform = transforms[stage]
-        moving_planes = [sample_plane(moving, grid, p, transform) for p in PLANES]
-        if moving_window is None:  # same window for every stage (taken from the first stage with data)
-            if any(np.isfinite(a).any() for a in moving_planes):
-                moving_window = window(moving_planes)
-        panels_by_kind = _image_panels(kinds, grid, fixed01, moving_planes, moving_window or (0.0, 1.0))
+        visible = any(np.isfinite(a).any() for a in moving_planes[stage])
+        panels_by_kind = _image_panels(kinds, grid, fixed01, moving_planes[stage], moving_window or (0.0, 1.0))
         if "outlines" in kinds and have_labels:
             table = _structure_lookup(pairs, False, int(sitk.GetArrayViewFromImage(moving_labels).max()))
             moving_structures = [table[sample_plane(moving_labels, grid, p, transform, labels=True)]
@@ -318,9 +361,11 @@ def render_pictures(fixed: sitk.Image, moving: sitk.Image, transforms: dict, out
                                           for f, fs, ms in zip(fixed01, fixed_structures, moving_structures)]
         for kind, panels in panels_by_kind.items():
             short, legend = KIND_TITLES[kind]
+            title = f"{STAGE_TITLES.get(stage, stage)}: {short}"
+            if not visible:
+                title += " (the moving image lies outside this view)"
             name = f"{prefix}{kind}_{stage}.png"
-            _save_png(compose_row(panels, grid, f"{STAGE_TITLES.get(stage, stage)}: {short}", legend),
-                      out_dir / name)
+            _save_png(compose_row(panels, grid, title, legend), out_dir / name)
             written[f"{kind}_{stage}"] = name
     return written
 

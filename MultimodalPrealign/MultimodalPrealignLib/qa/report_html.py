@@ -1,7 +1,9 @@
 """report.html: one self-contained page (PNG pictures embedded as base64) that proves a registration.
 
-Order: verdict with reasons, fallbacks, pictures (after, then before), metrics tables, QA checks, inputs,
-diagnostics, stages with settings and timings, and the full report.json folded away at the end.
+Order: verdict with reasons, fallbacks, pictures (as the headers place the images, after pre-alignment, after
+registration), metrics tables, QA checks, inputs, diagnostics, stages with settings and timings (in run order), the
+code that reproduces the run, and the full report.json folded away at the end. Each picture carries its own title
+and legend (the PNGs are also read on their own), so the page adds no caption of its own.
 Everything comes from the report dict (report.json) and the picture files; nothing is fetched from the web.
 """
 
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from .pictures import KIND_TITLES, STAGE_TITLES
+from .pictures import KIND_TITLES, STAGE_ORDER
 from .verdict import checks as compute_checks
 from .verdict import judge
 
@@ -42,7 +44,30 @@ figure{margin:4px 0 12px} .pair{display:grid;grid-template-columns:repeat(auto-f
 figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:13px;color:#444}
 details{margin:6px 0} summary{cursor:pointer;padding:3px 0} \
 pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:600px}
+.code{position:relative} .code button{position:absolute;top:6px;right:6px;font-size:12px}
+.states{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:12px;margin:4px 0 12px}
+.states img{max-width:100%;border:1px solid #ddd}
 """
+
+#: The states of the pictures, in words (the PNG titles name them too).
+STATE_WORDS = {"header": "as the headers place the images", "before": "after pre-alignment",
+               "after": "after registration"}
+#: report.json's ``timings_s`` keys in run order, with their labels; other keys follow in their own order.
+TIMING_LABELS = {
+    "load": "reading the inputs", "diagnose": "diagnostics", "prealign": "pre-alignment", "qa_setup": "QA setup",
+    "crop": "crop and working grids", "register": "registration", "metrics": "metrics and verdict",
+    "report": "pictures and report.html", "write": "writing the outputs", "total": "total (the run)",
+    "total_with_io": "total with reading and writing",
+}
+
+#: The copy buttons' script (inline: the page fetches nothing).
+COPY_SCRIPT = """<script>
+function mmpCopy(id, button){const text=document.getElementById(id).innerText;
+ const done=()=>{button.textContent='Copied';setTimeout(()=>{button.textContent='Copy'},1500)};
+ if(navigator.clipboard&&window.isSecureContext){navigator.clipboard.writeText(text).then(done)}
+ else{const area=document.createElement('textarea');area.value=text;document.body.appendChild(area);area.select();
+  document.execCommand('copy');document.body.removeChild(area);done()}}
+</script>"""
 
 
 def _e(value) -> str:
@@ -134,19 +159,21 @@ def fallback_block(report: dict) -> str:
 
 
 def pictures_block(pictures: dict, base: Path) -> str:
-    """One row per kind of picture: BEFORE (pre-alignment only) on the left, AFTER registration on the right."""
+    """One row per kind of picture, one column per state: as the headers place the images, after pre-alignment,
+    after registration. No captions: every PNG is titled with its state and kind and carries its legend."""
     if not pictures:
         return "<h2>Pictures</h2><p>No pictures were made (--no-report, or the images do not overlap).</p>"
     kinds = [k for k in KIND_TITLES if any(key.startswith(k + "_") for key in pictures)]
     kinds += sorted({key.rsplit("_", 1)[0] for key in pictures} - set(kinds))
-    parts = ["<h2>Pictures</h2><p class='sub'>Slices through the centre of the overlap, in the fixed image's "
-             "frame; left: before registration (pre-alignment only), right: after registration. Radiological "
-             "convention: the patient's right is on the left of axial and coronal views; yellow letters mark the "
-             "patient directions (R/L, A/P, S/I).</p>"]
+    present = {key.rsplit("_", 1)[1] for key in pictures}
+    stages = [s for s in STAGE_ORDER if s in present] + sorted(present - set(STAGE_ORDER))
+    order = ", ".join(STATE_WORDS.get(stage, stage) for stage in stages)
+    parts = ["<h2>Pictures</h2><p class='sub'>Slices through the centre of the overlap, in the fixed image's frame; "
+             f"left to right: {_e(order)}. Radiological convention: the patient's right is on the left of axial and "
+             "coronal views; yellow letters mark the patient directions (R/L, A/P, S/I).</p>"]
     for kind in kinds:
-        short, legend = KIND_TITLES.get(kind, (kind, ""))
         cells = []
-        for stage in ("before", "after"):
+        for stage in stages:
             key = f"{kind}_{stage}"
             if key not in pictures:
                 continue
@@ -155,9 +182,8 @@ def pictures_block(pictures: dict, base: Path) -> str:
             if not path.is_file():
                 cells.append(f"<p class='WARN'>Picture {_e(key)} is missing ({_e(path.name)}).</p>")
                 continue
-            cells.append(f'<figure><img class="qa" alt="{_e(key)}" src="{_embed_png(path)}">'
-                         f"<figcaption>{_e(STAGE_TITLES.get(stage, stage))}</figcaption></figure>")
-        parts.append(f"<h3>{_e(short)}</h3><p class='sub'>{_e(legend)}</p><div class='pair'>{''.join(cells)}</div>")
+            cells.append(f'<img class="qa" alt="{_e(key)}" data-stage="{_e(stage)}" src="{_embed_png(path)}">')
+        parts.append(f"<h3>{_e(KIND_TITLES.get(kind, (kind, ''))[0])}</h3><div class='states'>{''.join(cells)}</div>")
     return "".join(parts)
 
 
@@ -239,16 +265,106 @@ def checks_table(report: dict) -> str:
             f"{rows}</table>")
 
 
+def _labelled_table(values: dict, labels: dict) -> str:
+    """Two columns (what, value) for the ``labels`` keys present in ``values``, in the labels' order."""
+    rows = "".join(f"<tr><td>{_e(label)}</td><td class='num'>{_fmt(values[key])}</td></tr>"
+                   for key, label in labels.items() if values.get(key) is not None)
+    return f"<table>{rows}</table>" if rows else ""
+
+
+def content_table(metrics: dict) -> str:
+    content = metrics.get("content") or {}
+    if not content:
+        return ""
+    rows = "".join(f"<tr><td>{_e(role)}</td><td>{_fmt(info.get('extent_mm_lps'))}</td>"
+                   f"<td class='num'>{_fmt(info.get('voxels'))}</td><td>{_fmt(info.get('spacing_mm'))}</td>"
+                   f"<td class='num'>{_fmt(info.get('structure'))}</td></tr>" for role, info in content.items())
+    return ("<h3>What each image holds (on the copies the metrics use)</h3><table><tr><th>image</th>"
+            "<th>extent L, P, S (mm)</th><th>voxels</th><th>voxel size (mm)</th><th>structure ratio (noise about "
+            f"0.25, scans 2-10)</th></tr>{rows}</table>")
+
+
+def probes_table(probes: dict) -> str:
+    """The probes in words: the result, then every shift, turn and mirror with its NMI and change; best marked."""
+    rows = probes.get("probes") or []
+    if "result_nmi" not in probes or not rows:
+        return ""
+    best_names = {(probes.get(f"best_{kind}") or {}).get("name") for kind in ("shift", "turn", "mirror")} - {None}
+    body = f"<tr><td><b>the result itself</b></td><td class='num'>{_fmt(probes['result_nmi'])}</td><td>-</td></tr>"
+    for row in rows:
+        gain = row.get("relative_gain")
+        change = f"{gain * 100:+.1f}%" if isinstance(gain, (int, float)) else "-"
+        css = "worse" if isinstance(gain, (int, float)) and gain > 0 else ""
+        mark = " (best of its kind)" if row.get("name") in best_names else ""
+        body += (f"<tr><td>{_e(row.get('name'))}{_e(mark)}</td><td class='num'>{_fmt(row.get('nmi'))}</td>"
+                 f"<td class='num {css}'>{_e(change)}</td></tr>")
+    centre = probes.get("centre_mm_lps")
+    where = f" ({', '.join(f'{v:.0f}' for v in centre)} mm, L, P, S)" if centre else ""
+    return ("<h3>Self-consistency probes (normalised mutual information on a 4 mm grid)</h3><p class='sub'>The "
+            "result moved a little, turned 180 degrees and mirrored: none should fit better (a positive change). "
+            f"Turns and mirrors are about the point midway between the two objects' centres{_e(where)}.</p>"
+            "<table><tr><th>probe</th><th>NMI</th><th>change of (NMI - 1) against the result</th></tr>"
+            f"{body}</table>" + wide_probes_table(probes.get("wide") or {}))
+
+
+def wide_probes_table(wide: dict) -> str:
+    """The wide probes in words: the best slide along each axis and every refined turn."""
+    if "result_nmi" not in wide:
+        return ""
+    best_slides: dict = {}
+    for row in wide.get("slides") or []:
+        axis = row["name"].rsplit(" ", 1)[-1]
+        if axis not in best_slides or row["nmi"] > best_slides[axis]["nmi"]:
+            best_slides[axis] = row
+    rows = list(best_slides.values()) + list(wide.get("refined_turns") or [])
+    if wide.get("refined_result"):
+        rows.append(wide["refined_result"])
+    body = f"<tr><td><b>the result itself</b></td><td class='num'>{_fmt(wide['result_nmi'])}</td><td>-</td></tr>"
+    for row in rows:
+        gain = row.get("relative_gain")
+        css = "worse" if isinstance(gain, (int, float)) and gain > 0 else ""
+        change = f"{gain * 100:+.1f}%" if isinstance(gain, (int, float)) else "-"
+        body += (f"<tr><td>{_e(row['name'])}</td><td class='num'>{_fmt(row.get('nmi'))}</td>"
+                 f"<td class='num {css}'>{_e(change)}</td></tr>")
+    return (f"<p class='sub'>Far from the result ({_fmt(wide.get('grid_mm'))} mm grid): slid along each axis in "
+            f"steps of {_fmt(wide.get('slide_step_mm'))} mm (the best position per axis), turned 180 degrees "
+            "about each axis then refined (compared with the result refined the same way), and the result refined. "
+            "None should fit clearly better.</p><table><tr><th>probe</th><th>NMI</th>"
+            f"<th>change of (NMI - 1) against the result</th></tr>{body}</table>")
+
+
+TRANSFORM_LABELS = {"determinant": "determinant of the linear part (negative = mirror)",
+                    "scale": "overall scale (cube root of the determinant)",
+                    "principal_scales": "scale along the principal directions"}
+JACOBIAN_LABELS = {"min": "smallest Jacobian determinant", "max": "largest Jacobian determinant",
+                   "mean": "mean Jacobian determinant", "percentile_1": "1st percentile",
+                   "percentile_99": "99th percentile", "folding_percent": "folding voxels (%)",
+                   "voxels": "voxels measured", "grid_spacing_mm": "grid spacing (mm)"}
+
+
 def metrics_block(report: dict) -> str:
     metrics = report.get("metrics") or {}
     parts = ["<h2>Measurements</h2>", similarity_table(metrics), structures_table(metrics),
-             landmarks_table(metrics)]
-    for key, title in (("jacobian", "Deformation (Jacobian determinant inside the overlap)"),
-                       ("transform", "Final transform"), ("probes", "Self-consistency probes (NMI, coarse grid)")):
-        if metrics.get(key):
-            parts.append(f"<h3>{_e(title)}</h3>{generic(metrics[key])}")
+             landmarks_table(metrics), content_table(metrics)]
+    if metrics.get("jacobian"):
+        parts.append("<h3>Deformation (Jacobian determinant inside the overlap)</h3>"
+                     + _labelled_table(metrics["jacobian"], JACOBIAN_LABELS))
+    if metrics.get("transform"):
+        parts.append("<h3>Final transform</h3>" + _labelled_table(metrics["transform"], TRANSFORM_LABELS))
+    if metrics.get("probes"):
+        parts.append(probes_table(metrics["probes"]))
     parts.append(checks_table(report))
     return "".join(parts)
+
+
+def timings_table(timings: dict) -> str:
+    """Each stage's time in run order (:data:`TIMING_LABELS`), totals last."""
+    keys = [k for k in TIMING_LABELS if k in timings and not k.startswith("total")]
+    keys += [k for k in timings if k not in TIMING_LABELS]
+    keys += [k for k in TIMING_LABELS if k in timings and k.startswith("total")]
+    rows = "".join(f"<tr><td>{_e(TIMING_LABELS.get(k, k))}</td><td class='num'>{_fmt(timings[k])}</td></tr>"
+                   for k in keys)
+    return f"<table><tr><th>stage</th><th>seconds</th></tr>{rows}</table>"
 
 
 def inputs_block(inputs: dict) -> str:
@@ -283,13 +399,45 @@ def diagnostics_block(diagnostics) -> str:
     return f"<h2>Diagnostics</h2>{''.join(words)}{details}"
 
 
+def _code(block_id: str, text: str) -> str:
+    return (f"<div class='code'><button type='button' onclick=\"mmpCopy('{block_id}', this)\">Copy</button>"
+            f"<pre id='{block_id}'>{_e(text)}</pre></div>")
+
+
+def reproduce_block(report: dict) -> str:
+    """The code behind the run: the command line, the Slicer console code, the engine's own command / files."""
+    entry = report.get("reproduce") or {}
+    if not entry:
+        return ""
+    parts = ["<h2>Reproduce this run</h2><p class='sub'>The same settings give the same transform (fixed seed).</p>"]
+    if entry.get("command_line"):
+        parts.append("<h3>Command line</h3>" + _code("mmp-command", entry["command_line"]))
+    if entry.get("slicer_python"):
+        parts.append("<h3>3D Slicer Python console</h3>" + _code("mmp-slicer", entry["slicer_python"]))
+    engine = entry.get("engine") or {}
+    if engine.get("command_line"):
+        command = engine["command_line"]
+        text = command if isinstance(command, str) else " ".join(str(part) for part in command)
+        parts.append("<h3>The engine's own command line (as run)</h3>" + _code("mmp-engine-command", text))
+    if engine.get("parameters"):
+        parts.append("<h3>The engine's parameters (as run)</h3>"
+                     + _code("mmp-engine-parameters", json.dumps(engine["parameters"], indent=1, default=str)))
+    for index, (name, text) in enumerate((engine.get("parameter_files") or {}).items()):
+        parts.append(f"<h3>Parameter file: {_e(name)}</h3>" + _code(f"mmp-parameter-file-{index}", text))
+    if entry.get("note"):
+        parts.append(f"<p class='sub'>{_e(entry['note'])}</p>")
+    return "".join(parts) + COPY_SCRIPT
+
+
 def stages_block(report: dict) -> str:
     """Warnings and timings in the open; each stage's settings and details folded (click to open)."""
     parts = []
     for key, title in (("warnings", "Warnings"), ("stages", "Stages"), ("timings_s", "Timing of each stage (s)"),
                        ("timings", "Timing of each stage (s)")):
         if report.get(key):
-            parts.append(f"<h3>{_e(title)}</h3>{generic(report[key])}")
+            table = timings_table(report[key]) if key.startswith("timings") and isinstance(report[key], dict) \
+                else generic(report[key])
+            parts.append(f"<h3>{_e(title)}</h3>{table}")
     for key, title in (("prealign", "Pre-alignment"), ("crop", "Crop and working grid"),
                        ("registration", "Registration"), ("transform", "Final transform"),
                        ("settings", "Settings"), ("fallback", "Fallback attempts"), ("outputs", "Outputs"),
@@ -297,6 +445,44 @@ def stages_block(report: dict) -> str:
         if report.get(key):
             parts.append(f"<details><summary><b>{_e(title)}</b></summary>{generic(report[key])}</details>")
     return ("<h2>How the result was made</h2>" + "".join(parts)) if parts else ""
+
+
+def structures_block(report: dict, base: Path) -> str:
+    """``--per-structure``: one row per structure (verdict with reasons, motion relative to the global transform,
+    masked MI, Dice with moving labels, its transform file) and its pictures; empty without report.json
+    ``structures``."""
+    block = report.get("structures")
+    if not block:
+        return ""
+    rows = []
+    for entry in block.get("results", []):
+        motion, metrics = entry.get("motion_relative_to_global") or {}, entry.get("metrics") or {}
+        mi, labels = metrics.get("mi") or {}, ((metrics.get("labels") or {}).get("after") or {})
+        reasons = "<br>".join(_e(r) for r in entry.get("verdict_reasons") or [])
+        rows.append(f"<tr><td>{_e(entry['name'])}</td><td class='{_e(entry['verdict'])}'>{_e(entry['verdict'])}</td>"
+                    f"<td>{reasons}</td><td class='num'>{_fmt(motion.get('rotation_deg'))}</td>"
+                    f"<td class='num'>{_fmt(motion.get('mean_displacement_mm'))}</td>"
+                    f"<td class='num'>{_fmt(mi.get('global'))} &rarr; {_fmt(mi.get('registered'))}</td>"
+                    f"<td class='num'>{_fmt(labels.get('dice'))}</td>"
+                    f"<td>{_e((entry.get('files') or {}).get('transform') or '-')}</td></tr>")
+    parts = ["<h2 id='structures'>Per-structure registration</h2><p class='sub'>Each structure of the fixed image "
+             f"(names from {_e(block.get('names_from'))}) registered on its own from the global transform, in its own "
+             "crop with a mask around it. Its transform file maps fixed to moving points like transform.h5 and applies "
+             "to that structure only. The verdict above is the global transform's.</p>"
+             "<table><tr><th>structure</th><th>verdict</th><th>reasons</th><th>rotation vs global (deg)</th>"
+             "<th>mean displacement vs global (mm)</th><th>masked MI global &rarr; own (nats)</th>"
+             "<th>Dice (moving labels)</th><th>transform</th></tr>" + "".join(rows) + "</table>"]
+    figures = [(key, path) for key, path in (block.get("composite") or {}).items()]
+    for entry in block.get("results", []):
+        pictures = (entry.get("files") or {}).get("pictures") or {}
+        figures += [(f"{entry['name']}: {key}", path) for key, path in pictures.items() if key.startswith("checker")]
+    cells = []
+    for key, path in figures:
+        path = Path(path) if Path(path).is_absolute() else base / path
+        if path.is_file():
+            cells.append(f'<figure><img class="qa" alt="{_e(key)}" src="{_embed_png(path)}">'
+                         f"<figcaption>{_e(key)}</figcaption></figure>")
+    return "".join(parts) + (f"<div class='pair'>{''.join(cells)}</div>" if cells else "")
 
 
 def _input_name(value) -> str:
@@ -318,6 +504,7 @@ def render_html(report: dict, pictures: dict | None = None, base: str | os.PathL
         verdict_block(report),
         fallback_block(report),
         pictures_block(pictures or {}, base),
+        structures_block(report, base),
         metrics_block(report),
     ]
     if inputs:
@@ -325,6 +512,7 @@ def render_html(report: dict, pictures: dict | None = None, base: str | os.PathL
     if report.get("diagnostics"):
         sections.append(diagnostics_block(report["diagnostics"]))
     sections.append(stages_block(report))
+    sections.append(reproduce_block(report))
     sections.append("<h2>Technical details</h2><details><summary>report.json (long lists shortened)</summary><pre>"
                     f"{_e(json.dumps(trimmed(report), indent=1, default=str))}</pre></details>"
                     "<p class='sub'>Transforms map fixed-image points to moving-image points (physical LPS mm, "

@@ -2,7 +2,8 @@
 which measures and judges a given transform without registering.
 
 ``before`` is the pre-alignment, ``after`` the final transform; both map fixed physical points to moving
-physical points (LPS mm).
+physical points (LPS mm). The pictures show three states: as the headers place the images (the identity), after
+pre-alignment and after registration (two when the pre-alignment is the headers' placement).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import transforms as tx
@@ -39,12 +41,28 @@ def finish_report(report: dict, out_dir: str | os.PathLike, fixed: sitk.Image, m
     from .pictures import render_pictures
     from .report_html import write_report_html
 
-    names = render_pictures(fixed, moving, {"before": before, "after": after}, out_dir / PICTURES_DIR,
+    names = render_pictures(fixed, moving, picture_states(before, after), out_dir / PICTURES_DIR,
                             fixed_labels, moving_labels, pairs)
     pictures = {key: f"{PICTURES_DIR}/{name}" for key, name in names.items()}
     report["pictures"] = pictures
     html = write_report_html(report, pictures, out_dir / html_name)
     return {"verdict": verdict, "pictures": pictures, "html": str(html)}
+
+
+def picture_states(before: sitk.Transform, after: sitk.Transform) -> dict:
+    """{state: fixed->moving transform} for the pictures: ``header`` (the identity: where the headers put the
+    images), ``before`` (the pre-alignment) and ``after``; ``before`` is left out when it is the identity."""
+    states = {"header": tx.identity()}
+    if not _is_identity(before):
+        states["before"] = before
+    states["after"] = after
+    return states
+
+
+def _is_identity(transform: sitk.Transform, tolerance: float = 1e-6) -> bool:
+    if not tx.is_linear(transform):
+        return False
+    return bool(np.allclose(tx.to_matrix(transform), np.eye(4), atol=tolerance))
 
 
 def rewrite_report_html(out_dir: str | os.PathLike, report_name: str = "report.json",

@@ -1,8 +1,9 @@
 """The QA verdict: PASS / WARN / FAIL with reasons, from the metrics block of report.json.
 
-Reads ``report["metrics"]`` as written by :func:`.measure.evaluate` (``before``/``after`` image similarity and
-overlap, optional ``structures``, ``landmarks``, ``jacobian``, ``transform``, ``probes``) and, if present,
-``report["error"]``. Thresholds live in ``resources/verdict_thresholds.json`` (documented in docs/qa.md).
+Reads ``report["metrics"]`` as written by :func:`.measure.evaluate` (``content`` of each image, ``before``/``after``
+image similarity and overlap, optional ``structures``, ``landmarks``, ``jacobian``, ``transform``, ``probes``) and,
+if present, ``report["error"]`` and ``report["inputs"]`` (the inputs' own voxel counts and sizes, for the content
+check). Thresholds live in ``resources/verdict_thresholds.json`` (documented in docs/qa.md).
 Transforms behind the metrics map fixed physical points to moving physical points (LPS mm).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EXIT_VERDICT_FAIL  # 4: the run finished but the verdict is FAIL (also read from here)
+from ..io.plausibility import content_findings
 from ..resource_files import RESOURCES
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
@@ -45,6 +47,63 @@ def check_error(report: dict, t: dict) -> list[dict]:
     if error:
         return [_check("run", FAIL, f"the run stopped with an error: {error}")]
     return []
+
+
+def _original(report: dict, role: str) -> dict | None:
+    """The input's own geometry (``size``, ``spacing_mm``) from report.json's ``inputs``, when recorded."""
+    info = (report.get("inputs") or {}).get(role)
+    return info if isinstance(info, dict) and info.get("size") and info.get("spacing_mm") else None
+
+
+def check_content(report: dict, t: dict) -> list[dict]:
+    """Each image plausible as a scan (size, voxel size) and rich enough to register (voxels, structure)."""
+    content = (report.get("metrics") or {}).get("content") or {}
+    if not content:
+        return []
+    limits = t["content"]
+    checks = []
+    for role in ("fixed", "moving"):
+        if role in content:
+            checks += [_check("content", status, text)
+                       for status, text in content_findings(content[role], f"the {role} image", limits,
+                                                            _original(report, role))]
+    if all(role in content for role in ("fixed", "moving")) and not checks:
+        volumes = {role: math.prod(float(v) for v in content[role]["extent_mm_lps"]) for role in ("fixed", "moving")}
+        small, large = sorted(volumes, key=volumes.get)
+        share = volumes[small] / max(volumes[large], 1e-12)
+        if share < limits["warn_min_volume_share"]:
+            checks.append(_check("content", WARN, f"the {small} image covers {share * 100:.2g}% of the {large} "
+                                                  "image's volume: the alignment of so small a region is hard to "
+                                                  "confirm; check the pictures"))
+    if checks:
+        return checks
+    text = ", ".join(f"{role} {' x '.join(f'{v:.0f}' for v in content[role]['extent_mm_lps'])} mm, structure "
+                     f"{content[role].get('structure', float('nan')):.1f}" for role in ("fixed", "moving")
+                     if role in content)
+    return [_check("content", PASS, f"both images are plausible scans with structure to align ({text})")]
+
+
+def check_related(metrics: dict, t: dict) -> list[dict]:
+    """The images share information after registration: NMI clearly above what unrelated images reach."""
+    after = metrics.get("after") or {}
+    if "nmi" not in after:
+        return []
+    limits = t["related"]
+    samples = after.get("samples")
+    if samples is not None and samples < limits["fail_min_samples"]:
+        return [_check("related", FAIL, f"only {samples} voxels of the two images could be compared (at least "
+                                        f"{limits['fail_min_samples']} needed): too few to tell whether they agree")]
+    if "nmi_chance" not in after:
+        return []
+    above = float(after["nmi"]) - float(after["nmi_chance"])
+    text = (f"normalised mutual information {float(after['nmi']):.4f}, {above:+.4f} above the "
+            f"{float(after['nmi_chance']):.4f} that unrelated images reach on the same {samples} voxels")
+    if above < limits["fail_min_nmi_above_chance"]:
+        return [_check("related", FAIL, f"the images look unrelated ({text}): check that both show the same "
+                                        "object and that neither is noise or empty")]
+    if above < limits["warn_min_nmi_above_chance"]:
+        return [_check("related", WARN, f"the images share little information ({text})")]
+    return [_check("related", PASS, f"the images share information ({text})")]
 
 
 def check_overlap(metrics: dict, t: dict) -> list[dict]:
@@ -227,11 +286,66 @@ def check_probes(metrics: dict, t: dict) -> list[dict]:
             checks.append(_check("probe_turn", WARN, f"a 180-degree turn fits about as well: {text}"))
         else:
             checks.append(_check("probe_turn", PASS, f"no 180-degree turn fits better ({text})"))
+    mirror = probes.get("best_mirror") or {}
+    if mirror and "fail_mirror_relative_gain" in limits:
+        gain = float(mirror["relative_gain"])
+        text = f"the result {mirror['name']} changes NMI by {gain * 100:+.1f}% of NMI-1"
+        if gain > limits["fail_mirror_relative_gain"]:
+            checks.append(_check("probe_mirror", FAIL, "a mirror image of the result fits clearly better, so one "
+                                                     "image may be mirrored: check the signs of spacing / direction "
+                                                     f"in its header (a registration cannot undo a mirror): {text}"))
+        elif gain > limits["warn_mirror_relative_gain"]:
+            checks.append(_check("probe_mirror", WARN, f"a mirror image of the result fits about as well (a nearly "
+                                                     f"symmetric object?): {text}"))
+        else:
+            checks.append(_check("probe_mirror", PASS, f"no mirror image fits better ({text})"))
+    return checks + _wide_probe_checks(probes.get("wide") or {}, limits)
+
+
+def _wide_probe_checks(wide: dict, limits: dict) -> list[dict]:
+    """The wide probes: the result slid along the body, and turned 180 degrees then refined (coarse grid)."""
+    checks = []
+    slide = wide.get("best_slide") or {}
+    if slide and "fail_slide_relative_gain" in limits:
+        gain = float(slide["relative_gain"])
+        text = f"the result {slide['name']} changes NMI by {gain * 100:+.1f}% of NMI-1 ({wide.get('grid_mm')} mm grid)"
+        if gain > limits["fail_slide_relative_gain"]:
+            checks.append(_check("probe_slide", FAIL, "the result may sit at the wrong place along the body (a slab or "
+                                                    f"a partial field of view slides easily): {text}"))
+        elif gain > limits["warn_slide_relative_gain"]:
+            checks.append(_check("probe_slide", WARN, f"a slid position fits about as well: {text}"))
+        else:
+            checks.append(_check("probe_slide", PASS, f"no slid position fits better ({text})"))
+    turn = wide.get("best_refined_turn") or {}
+    if turn and "fail_refined_turn_relative_gain" in limits:
+        gain = float(turn["relative_gain"])
+        text = f"{turn['name']}: NMI changes by {gain * 100:+.1f}% of NMI-1 ({wide.get('grid_mm')} mm grid)"
+        if gain > limits["fail_refined_turn_relative_gain"]:
+            checks.append(_check("probe_turn_refined", FAIL, "a 180-degree turn of the result, refined, fits clearly "
+                                                           f"better, so it may be upside down or reversed: {text}"))
+        elif gain > limits["warn_refined_turn_relative_gain"]:
+            checks.append(_check("probe_turn_refined", WARN, "a refined 180-degree turn fits almost as well, so the "
+                                                           "object may look alike turned: check its orientation in "
+                                                           f"the pictures: {text}"))
+        else:
+            checks.append(_check("probe_turn_refined", PASS, f"no refined 180-degree turn fits as well ({text})"))
+    refined = wide.get("refined_result") or {}
+    if refined and "fail_refined_result_relative_gain" in limits:
+        gain = float(refined["relative_gain"])
+        text = (f"a short search around the result raises NMI by {gain * 100:+.1f}% of NMI-1 "
+                f"({wide.get('grid_mm')} mm grid)")
+        if gain > limits["fail_refined_result_relative_gain"]:
+            checks.append(_check("probe_refined", FAIL, f"a nearby pose fits clearly better, so the result is off: "
+                                                      f"{text}"))
+        elif gain > limits["warn_refined_result_relative_gain"]:
+            checks.append(_check("probe_refined", WARN, f"a nearby pose fits better: {text}"))
+        else:
+            checks.append(_check("probe_refined", PASS, f"no nearby pose fits clearly better ({text})"))
     return checks
 
 
 _METRIC_CHECKS: list[Callable[[dict, dict], list[dict]]] = [
-    check_overlap, check_similarity, check_structures, check_landmarks, check_jacobian, check_transform,
+    check_related, check_overlap, check_similarity, check_structures, check_landmarks, check_jacobian, check_transform,
     check_probes,
 ]
 
@@ -240,7 +354,7 @@ def checks(report: dict, thresholds: dict | None = None) -> list[dict]:
     """Every check with its status (PASS/WARN/FAIL) and a one-sentence message, in report order."""
     t = thresholds or load_thresholds()
     metrics = report.get("metrics") or {}
-    out = check_error(report, t)
+    out = check_error(report, t) + check_content(report, t)
     for check in _METRIC_CHECKS:
         out.extend(check(metrics, t))
     return out

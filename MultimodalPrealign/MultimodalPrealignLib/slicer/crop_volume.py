@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, RegistrationError
 
 #: CropVolume interpolation modes (vtkMRMLCropVolumeParametersNode).
 CROP_INTERPOLATION = {"nearest": 1, "linear": 2, "windowedsinc": 3, "bspline": 4}
 
-#: vtkSlicerCropVolumeLogic::Apply return codes -> what they mean.
+#: vtkSlicerCropVolumeLogic::Apply / CropInterpolated / CropVoxelBased return codes -> (cause, fix); read in
+#: Slicer's Modules/Loadable/CropVolume/Logic/vtkSlicerCropVolumeLogic.cxx (5.x). -1 and -2 each have several causes.
 CROP_APPLY_ERRORS = {
-    -1: "invalid input (missing input volume, ROI or parameter node)",
-    -2: "the Volumes module logic is not available to CropVolume",
-    -3: "the resampling module (ResampleScalarVectorDWIVolume) needed for interpolated cropping is missing",
+    -1: ("invalid input: no scene, parameter node, input volume or ROI; an output volume of another class than the "
+         "input; or an ROI whose voxel-based crop geometry could not be computed",
+         "select a scalar volume and a Markups ROI that intersects it, and an output of the same volume type"),
+    -2: ("the input is a diffusion tensor volume (not supported), or the Volumes module logic is missing or could "
+         "not clone the input", "use a scalar volume; restart Slicer if the Volumes module failed to load"),
+    -3: ("the resampling module (ResampleScalarVectorDWIVolume) needed for interpolated cropping is missing",
+         "restart Slicer; if it persists reinstall Slicer, or use engine 'itk' (no CropVolume)"),
+    -4: ("CropVolume could not create the resampling module's command-line node",
+         "restart Slicer, or use engine 'itk' (no CropVolume)"),
+    -5: ("the crop ROI is under a non-linear transform",
+         "remove the transform from the ROI (MultimodalPrealign's own ROIs are never transformed: report this)"),
+    -6: ("the cropped output volume is under a non-linear transform",
+         "move the volume out of the non-linear transform (Data module), then apply again"),
 }
 
 
@@ -60,8 +71,8 @@ def apply_crop(crop_logic, parameters_node):
     """Run CropVolume (``crop_logic.Apply``) and return the output volume node; explain failures."""
     code = crop_logic.Apply(parameters_node)
     if code != 0:
-        cause = CROP_APPLY_ERRORS.get(code, f"error code {code}")
-        raise RuntimeError(f"CropVolume failed: {cause}")
+        cause, fix = CROP_APPLY_ERRORS.get(code, (f"unknown error code {code}", "see Slicer's Error Log"))
+        raise RegistrationError(f"CropVolume failed (code {code}): {cause}", fix)
     scene = parameters_node.GetScene()
     output_id = parameters_node.GetOutputVolumeNodeID()
     output = scene.GetNodeByID(output_id) if scene is not None and output_id else None

@@ -22,24 +22,6 @@ ELASTIX_SLICER_KEYS = {"WriteITKCompositeTransform": "true", "ITKTransformOutput
                        "WriteResultImage": "false"}
 
 
-def format_parameter_value(value: str) -> str:
-    """elastix parameter file syntax: numbers bare, everything else quoted."""
-    try:
-        float(value)
-        return str(value)
-    except ValueError:
-        return f'"{value}"'
-
-
-def format_parameter_map(params: dict, header: str = "") -> str:
-    """Text of an elastix parameter file from {name: [values]}."""
-    lines = [f"// {line}" for line in header.splitlines()] if header else []
-    for name, values in params.items():
-        values = values if isinstance(values, (list, tuple)) else [values]
-        lines.append(f"({name} {' '.join(format_parameter_value(str(v)) for v in values)})")
-    return "\n".join(lines) + "\n"
-
-
 def elastix_stage_parameters(stage: str, sampling_percentage: float | None, iterations: int | None,
                              fixed_voxels: int, seed: int = 0) -> dict:
     """The core's preset for ``stage`` (resources/elastix/<stage>.txt) with our overrides.
@@ -65,6 +47,7 @@ def write_elastix_parameter_files(folder, stages, sampling_percentage: float | N
     SlicerElastix's ``registerVolumes(parameterFilenames=...)`` joins names to its own database folder;
     absolute paths pass through ``os.path.join`` unchanged, with old and new SlicerElastix versions.
     """
+    from ..engines.elastix_engine import format_parameter_map
     from ..engines.settings import check_stages
 
     stages = check_stages(stages, option="")
@@ -93,35 +76,58 @@ def translate_elastix_failure(log: str, return_code: int | None = None) -> Regis
         fix = ("start closer (pre-alignment 'search', or 'anatomy' with TotalSegmentator segmentations), "
                "enlarge the crop margin, or register with fewer stages")
     elif "not found" in (log or "").lower() and "elastix" in (log or "").lower():
-        fix = "reinstall the SlicerElastix extension, or use engine 'core'"
+        fix = "reinstall the SlicerElastix extension, or use engine 'itk'"
     else:
-        fix = "tick 'keep temporary files' to keep elastix.log, or use engine 'core' or BRAINSFit"
+        fix = ("tick 'Keep temporary files' (Advanced) to keep elastix's working folder and log, or use engine "
+               "'itk' or 'brainsfit'")
     code = f" (exit code {return_code})" if return_code is not None else ""
     return RegistrationError(line + code, fix)
 
 
 @dataclass
 class ElastixRun:
-    """What one SlicerElastix call left behind: its log lines (kept even on success)."""
+    """What one SlicerElastix call left behind: its log lines (kept even on success), whether it was cancelled,
+    and its working folder when it was kept."""
 
     log_lines: list = field(default_factory=list)
+    cancelled: bool = False
+    working_directory: str | None = None
 
     @property
     def log(self) -> str:
         return "\n".join(self.log_lines)
 
 
+#: SlicerElastix's log line naming its working folder (``ElastixLogic.registerVolumes``).
+WORKING_DIRECTORY_PREFIX = "Volume registration is started in working directory: "
+
+
 def run_elastix(elastix_logic, fixed_volume_node, moving_volume_node, parameter_files: list,
                 output_transform_node, initial_transform_node=None, fixed_mask_node=None, moving_mask_node=None,
-                linear_output: bool = True, keep_temporary_files: bool = False) -> ElastixRun:
-    """``ElastixLogic.registerVolumes`` with our parameter files; raise RegistrationError on failure.
+                linear_output: bool = True, keep_temporary_files: bool = False,
+                cancel_requested=None) -> ElastixRun:
+    """``ElastixLogic.registerVolumes`` with our parameter files; raise RegistrationError on failure, Cancelled
+    when ``cancel_requested()`` turned True.
 
     ``linear_output`` asks for a linear transform node (``forceDisplacementFieldOutputTransform=False``;
     from Python the default is True, a displacement field). The log goes through ``logCallback``.
+    Cancel: SlicerElastix checks its own ``cancelRequested`` after each line of elastix's output (and kills
+    elastix), but resets it before returning; so every output line is routed through our ``logCallback``
+    (``logStandardOutput``), which forwards the request, and the run remembers that it did.
     """
     run = ElastixRun()
-    previous_callback = getattr(elastix_logic, "logCallback", None)
-    elastix_logic.logCallback = run.log_lines.append
+    previous = (getattr(elastix_logic, "logCallback", None), getattr(elastix_logic, "logStandardOutput", False))
+
+    def log_line(text):
+        run.log_lines.append(text)
+        if str(text).startswith(WORKING_DIRECTORY_PREFIX):
+            run.working_directory = str(text)[len(WORKING_DIRECTORY_PREFIX):].strip()
+        if cancel_requested is not None and not run.cancelled and cancel_requested():
+            run.cancelled = True
+            elastix_logic.cancelRequested = True
+
+    elastix_logic.logCallback = log_line
+    elastix_logic.logStandardOutput = True
     elastix_logic.deleteTemporaryFiles = not keep_temporary_files
     try:
         elastix_logic.registerVolumes(
@@ -139,15 +145,17 @@ def run_elastix(elastix_logic, fixed_volume_node, moving_volume_node, parameter_
     except TypeError as err:
         if "initialTransformNode" in str(err):
             raise InputError("The installed SlicerElastix is too old (no initialTransformNode)",
-                             "update SlicerElastix in the Extensions Manager, or use engine 'core'") from None
+                             "update SlicerElastix in the Extensions Manager, or use engine 'itk'") from None
         raise
     except (RuntimeError, ValueError) as err:
         if "Elastix not found" in str(err):
             raise InputError("SlicerElastix cannot find the elastix executable",
-                             "reinstall SlicerElastix, set its custom elastix path, or use engine 'core'") from None
+                             "reinstall SlicerElastix, set its custom elastix path, or use engine 'itk'") from None
         raise translate_elastix_failure(run.log + "\n" + str(err)) from None
     finally:
-        elastix_logic.logCallback = previous_callback
-    if getattr(elastix_logic, "cancelRequested", False):
+        elastix_logic.logCallback, elastix_logic.logStandardOutput = previous
+    if run.cancelled:
         raise Cancelled()
+    if not keep_temporary_files:
+        run.working_directory = None
     return run

@@ -22,23 +22,59 @@ from ..errors import InputError
 from ..geometry import transforms
 from . import brainsfit, crop_volume, elastix, mrml_bridge
 
-#: Engines the Slicer module offers: Slicer's BRAINSFit, SlicerElastix, or the core's own (SimpleITK/itk-elastix).
-SLICER_ENGINES = ("brainsfit", "elastix", "core")
+#: The engine names, the same on the command line and in Slicer (``engines.ENGINES``, checked by a test):
+#: 'itk' (the core's SimpleITK engine), 'elastix' (SlicerElastix when installed, else the core's itk-elastix),
+#: 'brainsfit' (Slicer's General Registration (BRAINS) CLI module).
+SLICER_ENGINES = ("itk", "elastix", "brainsfit")
+#: The engines that run as Slicer's own tools (CropVolume crops for them).
+SLICER_TOOL_ENGINES = ("brainsfit", "elastix")
+SLICER_TOOL_NAMES = {"brainsfit": "Slicer's General Registration (BRAINS) module (BRAINSFit)",
+                     "elastix": "the SlicerElastix extension (elastix)"}
+
+
+def slicer_elastix_installed() -> bool:
+    """True when the SlicerElastix extension's logic can be imported in this Slicer."""
+    try:
+        import Elastix  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def runs_in_slicer_tools(engine: str, services) -> bool:
+    """True when ``engine`` runs as a Slicer tool (CropVolume + BRAINSFit or SlicerElastix); False for 'itk', and
+    for 'elastix' without SlicerElastix (the core's itk-elastix runs instead). ``services``: ``SlicerServices``."""
+    if engine == "brainsfit":
+        return True
+    return engine == "elastix" and services is not None and services.elastix_logic is not None
+
+
+def needs_itk_elastix(engine: str, fallback: bool) -> bool:
+    """True when the run may need the core's itk-elastix: engine 'elastix' without SlicerElastix, or engine 'itk'
+    with the fallback to the other engine."""
+    if engine == "elastix":
+        return not slicer_elastix_installed()
+    return engine == "itk" and bool(fallback)
 
 
 @dataclass
 class SlicerServices:
     """The Slicer objects the BRAINSFit/Elastix path calls (doubles in tests).
 
-    crop_logic: ``slicer.modules.cropvolume.logic()``; run_sync: ``slicer.cli.runSync``; brainsfit_module:
-    ``slicer.modules.brainsfit``; elastix_logic: ``Elastix.ElastixLogic()``; temp_dir: a folder of ours.
+    crop_logic: ``slicer.modules.cropvolume.logic()``; run_cli: ``slicer.cli.run`` (BRAINSFit runs asynchronously:
+    ``run_cli(module, None, parameters, wait_for_completion=False)`` returns its CLI node at once); process_events:
+    ``slicer.app.processEvents`` (called while BRAINSFit runs, so the GUI and its Cancel button stay alive);
+    brainsfit_module: ``slicer.modules.brainsfit``; elastix_logic: ``Elastix.ElastixLogic()``; temp_dir: a folder
+    of ours. Tests: Testing/slicer_cli_double.py gives run_cli, brainsfit_module and process_events that run the
+    real BRAINSFit executable.
     """
 
     scene: object
     crop_logic: object
     temp_dir: str
-    run_sync: Callable | None = None
+    run_cli: Callable | None = None
     brainsfit_module: object = None
+    process_events: Callable | None = None
     elastix_logic: object = None
     keep_temporary_files: bool = False
 
@@ -57,7 +93,8 @@ def slicer_services(temp_dir: str) -> SlicerServices:
         pass
     return SlicerServices(
         scene=slicer.mrmlScene, crop_logic=slicer.modules.cropvolume.logic(), temp_dir=temp_dir,
-        run_sync=slicer.cli.runSync, brainsfit_module=brainsfit_module, elastix_logic=elastix_logic)
+        run_cli=slicer.cli.run, brainsfit_module=brainsfit_module, process_events=slicer.app.processEvents,
+        elastix_logic=elastix_logic)
 
 
 class SlicerToolsRun:
@@ -69,14 +106,14 @@ class SlicerToolsRun:
     """
 
     def __init__(self, services: SlicerServices, engine: str, fixed_node, moving_node):
-        if engine not in ("brainsfit", "elastix"):
-            raise InputError(f"Unknown Slicer engine '{engine}'", "use brainsfit, elastix or core")
-        if engine == "brainsfit" and (services.run_sync is None or services.brainsfit_module is None):
+        if engine not in SLICER_TOOL_ENGINES:
+            raise InputError(f"Unknown Slicer engine '{engine}'", "use " + ", ".join(SLICER_ENGINES))
+        if engine == "brainsfit" and (services.run_cli is None or services.brainsfit_module is None):
             raise InputError("BRAINSFit (General Registration (BRAINS)) is not available in this Slicer",
-                             "use engine 'elastix' or 'core'")
+                             "use engine 'itk' or 'elastix'")
         if engine == "elastix" and services.elastix_logic is None:
             raise InputError("The SlicerElastix extension is not installed",
-                             "install 'SlicerElastix' in the Extensions Manager and restart, or use engine 'core'")
+                             "install 'SlicerElastix' in the Extensions Manager and restart, or use engine 'itk'")
         self.services = services
         self.engine = engine
         self.fixed_node = fixed_node
@@ -85,6 +122,8 @@ class SlicerToolsRun:
         self.fixed_crop_node = None
         self.moving_crop_node = None
         self.log = ""
+        self.attempt_nodes: list = []  # the current attempt's crops (dropped when the next attempt crops)
+        self.calls: list = []  # 'crop' / 'register', in the order the pipeline called them
 
     # -- helpers
     def _new_node(self, class_name: str, name: str):
@@ -127,11 +166,26 @@ class SlicerToolsRun:
         node = self._new_node("vtkMRMLLabelMapVolumeNode", f"{label} mask (MultimodalPrealign)")
         return mrml_bridge.update_volume_node_from_sitk(node, mask)
 
+    def _drop_previous_attempt(self) -> None:
+        """Remove the previous attempt's ROIs, crops and parameter nodes (a fallback attempt crops again)."""
+        attempt_nodes, self.attempt_nodes = self.attempt_nodes, []
+        kept = [node for node in self.temporary_nodes if node not in attempt_nodes]
+        self.temporary_nodes = attempt_nodes
+        self.cleanup()
+        self.temporary_nodes = kept
+
     # -- pipeline steps
     def crop(self, fixed, moving, plan):
-        """CropVolume (interpolated, ROI from the plan's boxes) on the ORIGINAL nodes -> working images."""
+        """CropVolume (interpolated, ROI from the plan's boxes) on the ORIGINAL nodes -> working images.
+
+        Called once per attempt (a fallback attempt crops again under its own pose); the previous attempt's
+        nodes are removed first.
+        """
         from ..crop import background_value
 
+        self.calls.append("crop")
+        self._drop_previous_attempt()
+        first_new = len(self.temporary_nodes)
         isotropic = bool(plan.details.get("isotropic", True))
         self.fixed_crop_node = self._crop_one(self.fixed_node, plan.fixed_box, plan.working_spacing_mm, isotropic,
                                               "fixed", background_value(fixed))
@@ -144,6 +198,7 @@ class SlicerToolsRun:
         plan.details["fixed_working_size"] = list(fixed_work.GetSize())
         plan.details["moving_working_size"] = list(moving_work.GetSize())
         plan.details["cropped_with"] = "Slicer CropVolume (interpolated, linear)"
+        self.attempt_nodes = self.temporary_nodes[first_new:]
         return fixed_work, moving_work
 
     def register(self, fixed_work, moving_work, initial, settings, progress=None, fixed_mask=None, moving_mask=None):
@@ -151,24 +206,27 @@ class SlicerToolsRun:
         initial transform. Returns the ``EngineResult`` (its transform includes ``initial``)."""
         from ..engines.settings import EngineResult, check_stages
 
-        if self.fixed_crop_node is None or self.moving_crop_node is None:
-            raise RuntimeError("SlicerToolsRun.register called before crop")
+        if not self.calls or self.calls[-1] != "crop":
+            raise RuntimeError("SlicerToolsRun.register called without a crop for this attempt")
+        self.calls.append("register")
         stages = check_stages(settings.stages, option="")
         linear = stages[-1] != "bspline"
         started = time.perf_counter()
         if progress is not None:
-            progress.report("register", 0.55, f"{'+'.join(stages)} with {self.engine}")
+            progress.report("register", 0.0, f"{'+'.join(stages)} with {self.engine}")
+        first_new = len(self.temporary_nodes)
         initial_node = self._new_node("vtkMRMLLinearTransformNode", "pre-alignment (MultimodalPrealign)")
         mrml_bridge.set_transform_node_from_sitk(initial_node, initial, self.services.temp_dir)
         output_class = "vtkMRMLLinearTransformNode" if linear else "vtkMRMLTransformNode"
         output_node = self._new_node(output_class, "registration (MultimodalPrealign)")
         mask_nodes = (self._mask_node(fixed_mask, "fixed"), self._mask_node(moving_mask, "moving"))
         if self.engine == "brainsfit":
-            used = self._run_brainsfit(stages, settings, initial_node, output_node, mask_nodes)
+            used = self._run_brainsfit(stages, settings, initial_node, output_node, mask_nodes, progress)
         else:
             used = self._run_elastix(stages, settings, int(np.prod(fixed_work.GetSize())), initial_node, output_node,
-                                     mask_nodes, linear)
+                                     mask_nodes, linear, progress)
         final = mrml_bridge.sitk_from_transform_node(output_node, self.services.temp_dir)
+        self.attempt_nodes += self.temporary_nodes[first_new:]
         record = {"stage": "+".join(stages), "engine": self.engine, "seconds": round(time.perf_counter() - started, 3),
                   "linear_output": linear}
         used.update({"stages": list(stages), "sampling_percentage": settings.sampling_percentage,
@@ -179,22 +237,35 @@ class SlicerToolsRun:
             record["translation_change_mm"] = round(moved, 3)
         return EngineResult(final, [record], used, log=self.log, warnings=warnings)
 
-    def _run_brainsfit(self, stages, settings, initial_node, output_node, mask_nodes) -> dict:
-        """BRAINSFit through ``run_sync``; keeps its output text as the log. Returns the report's 'used' entry."""
+    def _run_brainsfit(self, stages, settings, initial_node, output_node, mask_nodes, progress=None) -> dict:
+        """BRAINSFit through Slicer's CLI, asynchronously (``brainsfit.run_brainsfit``: the GUI stays alive, Cancel
+        stops it, its progress goes to ``progress``, its CLI node is removed afterwards), with the parameters the
+        headless engine sends (``engines.brainsfit_parameters``). Keeps its output text as the log; its silent
+        non-registration (output = initial transform) raises. Returns the report's 'used' entry."""
+        from ..engines.brainsfit_parameters import brainsfit_preset
+
         fixed_mask_node, moving_mask_node = mask_nodes
+        fixed_voxels = int(np.prod(self.fixed_crop_node.GetImageData().GetDimensions()))
+        sampling = brainsfit.effective_sampling_percentage(settings.sampling_percentage, fixed_voxels)
+        threads = int(brainsfit_preset()["deterministic_threads"]) if settings.deterministic else None
         parameters = brainsfit.brainsfit_parameters(
             self.fixed_crop_node.GetID(), self.moving_crop_node.GetID(), output_node.GetID(), stages,
-            initial_node.GetID(), settings.sampling_percentage, settings.iterations,
+            initial_node.GetID(), sampling, settings.iterations,
             fixed_mask_node.GetID() if fixed_mask_node is not None else None,
             moving_mask_node.GetID() if moving_mask_node is not None else None,
-            histogram_bins=settings.histogram_bins)
-        cli_node = brainsfit.run_brainsfit(self.services.run_sync, self.services.brainsfit_module, parameters)
-        self.log = cli_node.GetOutputText() or ""
-        return {"engine": "brainsfit (Slicer)", "parameters": {k: v for k, v in parameters.items()
-                                                              if not str(v).startswith("vtkMRML")}}
+            histogram_bins=settings.histogram_bins, number_of_threads=threads)
+        run = brainsfit.run_brainsfit(self.services.run_cli, self.services.brainsfit_module, parameters,
+                                      self.services.process_events, progress)
+        self.log = run.output_text
+        temp_dir = self.services.temp_dir
+        brainsfit.check_registered(run.output_text, mrml_bridge.sitk_from_transform_node(initial_node, temp_dir),
+                                   mrml_bridge.sitk_from_transform_node(output_node, temp_dir),
+                                   brainsfit.volume_corners_lps(self.fixed_crop_node))
+        return {"engine": "brainsfit (Slicer)", "sampling_percentage_sent": sampling,
+                "parameters": {k: v for k, v in parameters.items() if not str(v).startswith("vtkMRML")}}
 
     def _run_elastix(self, stages, settings, fixed_voxels: int, initial_node, output_node, mask_nodes,
-                     linear: bool) -> dict:
+                     linear: bool, progress=None) -> dict:
         """SlicerElastix with our parameter files (in the temporary folder); keeps its log. Returns the 'used' entry."""
         fixed_mask_node, moving_mask_node = mask_nodes
         files = elastix.write_elastix_parameter_files(
@@ -202,40 +273,34 @@ class SlicerToolsRun:
             settings.iterations, fixed_voxels, settings.seed)
         run = elastix.run_elastix(self.services.elastix_logic, self.fixed_crop_node, self.moving_crop_node, files,
                                   output_node, initial_node, fixed_mask_node, moving_mask_node, linear_output=linear,
-                                  keep_temporary_files=self.services.keep_temporary_files)
+                                  keep_temporary_files=self.services.keep_temporary_files,
+                                  cancel_requested=progress.cancel_requested if progress is not None else None)
         self.log = run.log
-        return {"engine": "elastix (SlicerElastix)", "parameter_files": files}
+        return {"engine": "elastix (SlicerElastix)", "parameter_file_paths": files,
+                "parameter_files": {Path(f).name: Path(f).read_text(encoding="utf-8") for f in files},
+                "working_directory": run.working_directory}
 
 
 def run_pipeline_with_slicer_tools(fixed, moving, options, run: SlicerToolsRun, fixed_labels=None,
                                    moving_labels=None, progress=None):
     """``pipeline.run_pipeline`` with CropVolume as the crop step and BRAINSFit/SlicerElastix as the engine.
 
-    The core validates ``options.registration.engine`` against its own engines, so it is given 'itk' (brainsfit) or
-    'elastix'; the report names the Slicer engine actually used.
+    Every attempt (the normal one and each fallback to another pre-alignment candidate) crops and registers with
+    the Slicer tool; the engine itself is not swapped on fallback (the caller chose it). Temporary nodes are
+    removed at the end, also on failure or cancel.
     """
     from .. import pipeline
 
-    options.registration.engine = "elastix" if run.engine == "elastix" else "itk"
-    calls = []
-
-    def crop_step(*args, **kwargs):
-        calls.append("crop")
-        return run.crop(*args, **kwargs)
-
-    def register_step(*args, **kwargs):
-        calls.append("register")
-        return run.register(*args, **kwargs)
-
+    options.registration.engine = run.engine
     try:
         result = pipeline.run_pipeline(fixed, moving, options, fixed_labels, moving_labels, progress,
-                                       crop_fn=crop_step, register_fn=register_step)
+                                       crop_fn=run.crop, register_fn=run.register)
     finally:
         run.cleanup()
-    if calls != ["crop", "register"]:  # never report a Slicer engine that did not run
-        raise RuntimeError(f"The core pipeline did not run the Slicer crop/register steps (ran: {calls}); "
+    if "register" not in run.calls:  # never report a Slicer engine that did not run
+        raise RuntimeError(f"The core pipeline did not run the Slicer crop/register steps (ran: {run.calls}); "
                            "check pipeline.run_pipeline's crop_fn/register_fn hooks")
-    engine_name = "brainsfit" if run.engine == "brainsfit" else "elastix (SlicerElastix)"
-    result.report["settings"]["engine"] = engine_name
-    result.report["registration"]["engine"] = engine_name
+    result.report["settings"]["engine"] = run.engine
+    result.report["registration"]["engine"] = run.engine
+    result.report["registration"]["tool"] = SLICER_TOOL_NAMES[run.engine]
     return result

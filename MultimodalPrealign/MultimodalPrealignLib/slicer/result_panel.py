@@ -114,6 +114,8 @@ def clear_quality_check(ui, picture_buttons: list) -> None:
     ui.picturesHintLabel.text = ""
     ui.openReportButton.enabled = False
     ui.openReportFolderButton.enabled = False
+    ui.reproduceTextEdit.setPlainText("")
+    ui.copyReproduceButton.enabled = False
 
 
 def show_quality_check(ui, result, picture_buttons: list) -> None:
@@ -135,7 +137,31 @@ def show_quality_check(ui, result, picture_buttons: list) -> None:
                                  "No pictures were written for this run.")
     ui.openReportButton.enabled = bool(result.reportHtmlPath)
     ui.openReportFolderButton.enabled = bool(result.reportDirectory)
+    ui.reproduceTextEdit.setPlainText(reproduce_text(result.reproduce))
+    ui.copyReproduceButton.enabled = bool(result.reproduce)
     ui.qualityCollapsibleButton.collapsed = False
+
+
+def reproduce_text(entry: dict) -> str:
+    """The panel's "Reproduce this run" text: the console code, the command line, the engine's own command."""
+    if not entry:
+        return ""
+    parts = ["# Python console", entry.get("slicer_python") or ""]
+    if entry.get("command_line"):
+        parts += ["# Command line (headless core)", entry["command_line"], ""]
+    engine = entry.get("engine") or {}
+    if engine.get("command_line"):
+        command = engine["command_line"]
+        parts += ["# The engine's own command line, as run",
+                  command if isinstance(command, str) else " ".join(str(part) for part in command), ""]
+    if engine.get("parameters"):
+        parts += ["# The engine's parameters, as run",
+                  "\n".join(f"{key} = {value}" for key, value in engine["parameters"].items()), ""]
+    for name, text in (engine.get("parameter_files") or {}).items():
+        parts += [f"# Parameter file {name}", text]
+    if entry.get("note"):
+        parts += [f"# {entry['note']}"]
+    return "\n".join(parts).rstrip() + "\n"
 
 
 def _clear_pictures(ui, picture_buttons: list) -> None:

@@ -18,6 +18,9 @@ from ..errors import InputError, RegistrationError
 from ..resource_files import load_resource_json
 from . import mrml_bridge
 
+#: What the panel says while TotalSegmentator runs (its Slicer logic has no cancel: ``process`` waits for its process).
+NOT_CANCELLABLE = "TotalSegmentator cannot be cancelled once started (its Slicer module offers no cancel)"
+
 TOTALSEGMENTATOR_INSTALL_HINT = ("Install the TotalSegmentator extension (View > Extensions Manager > search "
                                  "'TotalSegmentator'), restart Slicer, then segment with the buttons here")
 
@@ -104,8 +107,35 @@ def best_task_for_segment_names(names) -> str | None:
     return "total"
 
 
-def segment_volume(volume_node, fast: bool = False, cpu: bool = False):
-    """Run TotalSegmentator (task 'total' for CT, 'total_mr' for MR) non-interactively; returns the new segmentation."""
+class PanelLog:
+    """TotalSegmentator's ``logCallback`` for the panel: each log line goes to the status label, a percentage in it
+    (nnU-Net's progress bars) to the progress bar (else the bar shows 'busy'), and events are processed so the
+    panel stays alive. ``process_events``: ``slicer.app.processEvents``."""
+
+    def __init__(self, status_label, progress_bar, process_events):
+        self.status_label, self.progress_bar, self.process_events = status_label, progress_bar, process_events
+        self.lines: list = []
+        progress_bar.setRange(0, 0)  # busy until a percentage is seen
+
+    def __call__(self, text: str) -> None:
+        import re
+
+        text = str(text).strip()
+        if text:
+            self.lines.append(text)
+            self.status_label.text = text[:200]
+            percent = re.findall(r"(\d{1,3})%", text)
+            if percent and int(percent[-1]) <= 100:
+                self.progress_bar.setRange(0, 100)
+                self.progress_bar.setValue(int(percent[-1]))
+        self.process_events()
+
+
+def segment_volume(volume_node, fast: bool = False, cpu: bool = False, log=None):
+    """Run TotalSegmentator (task 'total' for CT, 'total_mr' for MR) non-interactively; returns the new segmentation.
+
+    ``log(text)``: receives TotalSegmentator's log lines (``TotalSegmentatorLogic.logCallback``). It cannot be
+    cancelled (:data:`NOT_CANCELLABLE`)."""
     import slicer
 
     if not totalsegmentator_available():
@@ -119,6 +149,8 @@ def segment_volume(volume_node, fast: bool = False, cpu: bool = False):
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                       f"{volume_node.GetName()} TotalSegmentator {task}")
     logic = TotalSegmentatorLogic()
+    if log is not None:
+        logic.logCallback = log
     logic.setupPythonRequirements()
     run_totalsegmentator(logic, volume_node, segmentation, task, fast=fast, cpu=cpu)
     return segmentation
