@@ -58,7 +58,9 @@ def test_each_bone_is_registered_on_its_own(pair, start, registered):
             assert after < 1.5, (bone, before, after)
     assert errors["tibia"][0] > 4.0 and errors["patella"][0] > 4.0
     recovered = [bone for bone in ("tibia", "patella") if errors[bone][1] < 1.5]
-    assert recovered, errors  # 0.5 mm microCT, 1 mm MR voxels
+    # 0.5 mm microCT, 1 mm MR voxels: measured tibia 7.5 -> 0.46 mm, patella 5.2 -> 0.81 mm (before the engines
+    # sampled the bone's mask as given, an intensity object mask cut the tibia's and it ended 5.8-7.5 mm off)
+    assert recovered == ["tibia", "patella"], errors
     for bone in recovered:
         assert by_name[bone].motion["mean_displacement_mm"] > 2.0  # it moved away from the global transform
     assert block["summary"]["registered"] == 3 and block["summary"]["failed"] == 2

@@ -86,3 +86,24 @@ def test_the_core_result_has_a_verdict():
 def test_the_demo_folders_are_git_ignored():
     ignored = (REPO / ".gitignore").read_text().split()
     assert "/demo_out/" in ignored and "/multimodal_prealign_demo/" in ignored  # README's and the default
+
+
+def test_a_two_slice_slab_registers_with_the_itk_engine(tmp_path, capsys):
+    """A slab of 2 slices (0.5 mm) of a 2 mm volume: the itk engine's pyramid smoothing needs 4 voxels per axis, so
+    the working grid had 1 slice and the run ended in a raw ITK error (exit 3); the crop now widens thin grids
+    (the extra voxels lie outside the image's validity mask). Measured 1.9 mm, verdict WARN."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from brainsfit_helpers import mean_error, thin_slab_pair
+
+    from MultimodalPrealignLib import crop
+    from MultimodalPrealignLib.geometry import transforms
+
+    fixed, moving, truth, points = thin_slab_pair(slices=2, slice_mm=0.5)
+    sitk.WriteImage(fixed, str(tmp_path / "volume.nrrd"))
+    sitk.WriteImage(moving, str(tmp_path / "slab.nrrd"))
+    code = cli.main(["register", "--fixed", str(tmp_path / "volume.nrrd"), "--moving", str(tmp_path / "slab.nrrd"),
+                     "--out", str(tmp_path / "out"), "--no-report", "--quiet"])
+    assert code == 0, capsys.readouterr()
+    assert mean_error(transforms.read_transform(tmp_path / "out" / "transform.h5"), truth, points) < 2.5
+    plan = crop.plan_crop(fixed, moving, truth)
+    assert min(plan.moving_grid["size"]) >= crop.MIN_WORKING_VOXELS_PER_AXIS

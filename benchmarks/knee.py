@@ -295,9 +295,12 @@ def table(rows: list[dict], method: str) -> str:
     keys = [("global", "one global transform (rigid+affine)"), ("ours", "per-structure, itk (ours)"),
             ("threshold", "per-structure, itk, automatic bone labels"), ("elastix", "per-structure, elastix"),
             ("brainsfit", "per-structure, BRAINSFit")]
+    all_rows = rows
     for key, label in keys:
-        if not any(key in r for r in rows):
+        rows = [r for r in all_rows if key in r]
+        if not rows:
             continue
+        label += f" ({len(rows)} cases)" if len(rows) != len(all_rows) else ""
         cells, all_ok = [], np.ones(len(rows), bool)
         for bone in SCORED:
             errors = np.array(_errors(rows, key, bone))
@@ -318,8 +321,13 @@ def table(rows: list[dict], method: str) -> str:
                              if e.get("verdict") == "PASS" and (e.get("error_mm") or math.inf) > 1.0)
         seconds = [s for s in seconds if s is not None]
         counts = "/".join(str(verdicts.count(v)) for v in ("PASS", "WARN", "FAIL"))
+        cpu = [(r.get("ours") or {}).get("cpu_seconds") for r in rows] if key == "ours" else []
+        cpu = [c for c in cpu if c is not None]
+        time_cell = _fmt(float(np.median(seconds)) if seconds else None, 1) + (
+            f" (CPU {_fmt(float(np.median(cpu)), 1)})" if cpu else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(all_ok.sum())}/{len(rows)} | "
-                     f"{_fmt(float(np.median(seconds)) if seconds else None, 1)} | {counts} | {wrong_pass} |")
+                     f"{time_cell} | {counts} | {wrong_pass} |")
+    rows = all_rows
     rss = [r.get("peak_rss_mb") for r in rows if r.get("peak_rss_mb")]
     if rss:
         lines.append("")

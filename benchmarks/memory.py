@@ -122,7 +122,8 @@ def _run_prealign_only(method: str, case: dict, seed: int, options: dict | None 
 
 def _pipeline_info(result) -> dict:
     """Stage timings (s), the pre-alignment used, the engine's stages and the warnings of a pipeline run."""
-    stages = [{k: stage.get(k) for k in ("stage", "seconds", "iterations", "guard")} for stage in result.engine.stages]
+    stages = [{k: stage.get(k) for k in ("stage", "seconds", "iterations", "guard", "skipped", "precheck")}
+              for stage in result.engine.stages]
     return {"timings_s": result.report["timings_s"], "prealign": result.prealign.method, "stages": stages,
             "warnings": result.warnings}
 
@@ -168,10 +169,6 @@ def _run_peer(method: str, case: dict, seed: int, extra: dict):
         started = time.perf_counter()
         matrix, info = peers.peer_runner(method)(case["fixed"], case["moving"], seed)
         return matrix, time.perf_counter() - started, info
-    if method in peers.FILE_PEERS:  # the real BRAINSFit reads the case files itself (our Python)
-        started = time.perf_counter()
-        matrix, info = peers.peer_runner(method)(case["fixed"], case["moving"], seed)
-        return matrix, time.perf_counter() - started, info
     import SimpleITK as sitk
 
     fixed = sitk.ReadImage(case["fixed"])
@@ -190,6 +187,10 @@ def _run_peer(method: str, case: dict, seed: int, extra: dict):
         initial = transforms.to_matrix(pre.transform)
         info_extra = {"prealign": pre.method, "prealign_seconds": round(time.perf_counter() - t, 2)}
         method = method[: -len("-from-prealign")]
+    if method in peers.FILE_PEERS:  # the real BRAINSFit reads the case files itself (our Python)
+        started = time.perf_counter()
+        matrix, info = peers.peer_runner(method)(case["fixed"], case["moving"], seed, initial)
+        return matrix, time.perf_counter() - started, {**info, **info_extra}
     started = time.perf_counter()
     matrix, info = peers.peer_runner(method)(fixed, moving, seed, initial)
     seconds = time.perf_counter() - started

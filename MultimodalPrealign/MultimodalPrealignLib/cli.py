@@ -95,6 +95,8 @@ def options_from_args(args: argparse.Namespace):
                               no_report=args.no_report, brainsfit_path=getattr(args, "brainsfit", None))
     if options.registration.engine == "brainsfit":  # no executable: exit 2 now, not after the pre-alignment
         engines.find_brainsfit(options.registration.brainsfit_path)
+    if options.registration.engine == "elastix":  # itk-elastix is an extra: exit 2 now, naming it
+        engines.require_elastix()
     if args.max_working_voxels is not None:
         options.max_working_voxels = args.max_working_voxels
     anatomy = {}

@@ -9,6 +9,8 @@ includes the pre-alignment.
 
 The engine modules are imported inside :func:`register`, so importing this package (and ``settings``,
 ``brainsfit_parameters``) needs neither scipy nor itk (the Slicer module imports it before they are installed).
+itk-elastix is the optional ``elastix`` extra: :func:`elastix_installed` tells without importing ITK,
+:func:`require_elastix` is the one-line InputError naming the extra.
 """
 
 from __future__ import annotations
@@ -17,10 +19,21 @@ import SimpleITK as sitk
 
 from ..progress import SILENT, Progress
 from .brainsfit_parameters import find_brainsfit
-from .settings import ENGINES, STAGES, EngineResult, RegistrationSettings, fallback_engines, itk_preset
+from .settings import (
+    ELASTIX_INSTALL,
+    ENGINES,
+    STAGES,
+    EngineResult,
+    RegistrationSettings,
+    elastix_installed,
+    engine_installed,
+    fallback_engines,
+    itk_preset,
+    require_elastix,
+)
 
-__all__ = ["ENGINES", "STAGES", "EngineResult", "RegistrationSettings", "fallback_engines", "find_brainsfit",
-           "itk_preset", "register"]
+__all__ = ["ELASTIX_INSTALL", "ENGINES", "STAGES", "EngineResult", "RegistrationSettings", "elastix_installed",
+           "engine_installed", "fallback_engines", "find_brainsfit", "itk_preset", "register", "require_elastix"]
 
 
 def register(fixed_work: sitk.Image, moving_work: sitk.Image, initial_fixed_to_moving: sitk.Transform,

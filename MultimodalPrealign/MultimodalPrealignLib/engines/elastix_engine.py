@@ -1,5 +1,8 @@
 """Engine ``elastix``: itk-elastix (the elastix SlicerElastix runs), presets from resources/elastix/.
 
+itk-elastix is the optional ``elastix`` extra: ``itk`` is imported only inside the functions that use it, so this
+module imports without it, and :func:`register_elastix` without it is one InputError naming the extra.
+
 Each stage is one elastix run whose external initial transform is everything found so far. elastix
 ("HowToCombineTransforms" Compose) maps a fixed point p to ``T_stage(initial(p))``, so the running
 total is ``compose(initial, T_stage)``. elastix's result parameter maps are converted to SimpleITK
@@ -18,13 +21,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import stopping
-from ..errors import InputError, RegistrationError
+from ..errors import RegistrationError
 from ..geometry import transforms
 from ..geometry.image_space import direction_matrix
 from ..progress import SILENT, Progress
 from ..resource_files import load_resource_text
 from .guards import guarded_stage, metric_mask
-from .settings import EngineResult, RegistrationSettings, itk_preset
+from .settings import EngineResult, RegistrationSettings, itk_preset, require_elastix
 
 #: elastix never gets fewer spatial samples than this (its own default is 2048).
 MIN_SPATIAL_SAMPLES = 2048
@@ -148,10 +151,7 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
                      progress: Progress = SILENT, fixed_mask: sitk.Image | None = None,
                      moving_mask: sitk.Image | None = None) -> EngineResult:
     """Run ``settings.stages`` in order from ``initial`` (linear); the result (fixed->moving, LPS mm) includes it."""
-    try:
-        import itk  # noqa: F401 - checked here so a missing package gives one line
-    except ImportError:  # pragma: no cover - itk-elastix is a dependency
-        raise InputError("The elastix engine needs the itk-elastix package", "pip install itk-elastix") from None
+    require_elastix()  # itk-elastix is the "elastix" extra: one line naming it when missing
     if not transforms.is_linear(initial):
         raise RegistrationError("The elastix engine needs a linear pre-alignment",
                                 "use a rigid or affine pre-alignment")
@@ -160,7 +160,8 @@ def register_elastix(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transf
     total = initial
     records, logs, used, warnings, parameter_files = [], [], {}, [], {}
     guard_preset = itk_preset()  # the affine guard is engine-independent; its settings live with the itk preset
-    fixed_mask = metric_mask(fixed, fixed_mask, guard_preset)  # elastix samples the fixed object, as the itk engine
+    # elastix samples the fixed object, as the itk engine (a structure's region as given)
+    fixed_mask = metric_mask(fixed, fixed_mask, guard_preset, settings.fixed_mask_is_region)
     workdir = Path(tempfile.mkdtemp(prefix="mmp_elastix_"))
     stopping.track(workdir)
     try:

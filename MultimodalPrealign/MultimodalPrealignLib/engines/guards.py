@@ -4,7 +4,8 @@ mutual-information estimate inside the fixed object agrees.
 :func:`metric_mask`: where every engine's metric samples the fixed working image (the fixed object,
 ``crop.object_mask``, inside the valid voxels). :func:`affine_guard` / :func:`guarded_stage`: an affine stage (of
 either engine) must raise dense MI on one common voxel set by enough to earn its extra parameters, else the
-previous stage's result is kept. :func:`registration_guard`: the pipeline keeps the pre-alignment when
+previous stage's result is kept; :func:`affine_can_help` decides before an affine stage whether it is worth running
+at all. :func:`registration_guard`: the pipeline keeps the pre-alignment when
 registration lowers dense MI inside the fixed object. Every transform maps fixed physical points to moving
 physical points (LPS mm); settings come from the itk preset (``resources/presets/itk.json``, ``metric_mask``,
 ``affine_guard_*`` and ``registration_guard_*``).
@@ -16,22 +17,25 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import crop
-from ..geometry import transforms
+from ..geometry import image_space, transforms
 from .settings import itk_preset
 
 
-def metric_mask(fixed: sitk.Image, fixed_mask: sitk.Image | None, preset: dict | None = None) -> sitk.Image | None:
+def metric_mask(fixed: sitk.Image, fixed_mask: sitk.Image | None, preset: dict | None = None,
+                is_region: bool = False) -> sitk.Image | None:
     """The mask of the fixed working image where the metrics sample: with the preset's ``metric_mask``
     "object" (default) the fixed object inside ``fixed_mask`` (:func:`crop.object_mask`), else (or when no object
-    is found) ``fixed_mask`` itself (every valid voxel).
+    is found) ``fixed_mask`` itself (every valid voxel). ``is_region``: ``fixed_mask`` is already the region to
+    sample (a structure's mask, ``RegistrationSettings.fixed_mask_is_region``) and is returned as given: an
+    intensity object mask inside it would cut the structure (on a knee microCT crop the tibia's mask lost 60%).
 
     Over the whole crop, mutual information is dominated by the object/background edge and by what only one scan
     shows there; inside the object it measures the alignment of the anatomy. On the real phantom pair the itk
     engine's whole-crop optimum lay 3.6-4.1 mm from the references, the object's 1.5-2.0 mm
-    (docs/benchmarks.md, 2026-12-01).
+    (docs/benchmarks.md, 2026-11-30).
     """
     preset = preset or itk_preset()
-    if preset.get("metric_mask", "object") != "object":
+    if is_region or preset.get("metric_mask", "object") != "object":
         return fixed_mask
     found = crop.object_mask(fixed, fixed_mask)
     return fixed_mask if found is None else found
@@ -112,6 +116,47 @@ def affine_guard(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, 
     return result
 
 
+def affine_can_help(fixed: sitk.Image, moving: sitk.Image, previous: sitk.Transform,
+                    fixed_mask: sitk.Image | None, preset: dict) -> dict:
+    """Before an affine stage: can an affine result pass :func:`affine_guard` at all?
+
+    Probes: ``previous`` (fixed->moving, LPS mm) after a scaling by 1 -/+ ``affine_precheck_scale`` along each axis
+    of the fixed working grid about its centre (six poses), scored like the guard (dense joint-histogram MI on ONE
+    voxel set). ``worth_running`` is True when some probe raises the MI by at least ``affine_precheck_min_gain``
+    nats (half the guard's ``affine_guard_min_gain``): a real scale difference does (a 6% scale: +0.22 for the
+    exact one), a rigidly related pair does not, and the stage (2-5 s on the phantom pair's working grid) would
+    only be rejected. Costs seven resamplings of the moving working image (about 0.3 s on 1.5 M voxels).
+    """
+    scale = float(preset.get("affine_precheck_scale", 0.03))
+    needed = float(preset.get("affine_precheck_min_gain", 0.0025))
+    centre = image_space.image_center(fixed).tolist()
+    axes = np.asarray(fixed.GetDirection(), float).reshape(3, 3)
+    probes = []
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            factors = np.ones(3)
+            factors[axis] += sign * scale
+            scaling = sitk.AffineTransform((axes @ np.diag(factors) @ axes.T).ravel().tolist(), (0.0, 0.0, 0.0),
+                                           centre)
+            probes.append(transforms.compose(scaling, previous))
+    f, warped = _common_samples(fixed, moving, [previous, *probes], fixed_mask,
+                                int(preset.get("affine_guard_samples", 400000)))
+    result = {"probe_scale": scale, "min_gain": needed, "samples": int(f.size), "best_gain": None,
+              "worth_running": True}
+    if f.size < 1000:
+        return result
+    f_range = tuple(np.percentile(f, [0.5, 99.5]))
+    m_range = tuple(np.percentile(np.concatenate(warped), [0.5, 99.5]))
+    if f_range[1] <= f_range[0] or m_range[1] <= m_range[0]:
+        return result
+    bins = int(preset.get("affine_guard_bins", 32))
+    values = [_histogram_mi(f, m, f_range, m_range, bins) for m in warped]
+    gains = [v - values[0] for v in values[1:]]
+    result.update(mi_previous=round(values[0], 5), gains=[round(g, 5) for g in gains],
+                  best_gain=round(max(gains), 5), worth_running=bool(max(gains) >= needed))
+    return result
+
+
 def guarded_stage(stage: str, fixed: sitk.Image, moving: sitk.Image, previous: sitk.Transform,
                   candidate: sitk.Transform, fixed_mask: sitk.Image | None, preset: dict,
                   warnings: list) -> tuple[sitk.Transform, dict | None]:
@@ -145,7 +190,7 @@ def registration_guard(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tran
     """Did the registration make the alignment worse than the pre-alignment it started from?
 
     Dense joint-histogram MI (``registration_guard_bins``) on ONE voxel set: fixed voxels inside the fixed
-    object (``crop.object_mask``, the mask the engines' metrics sample; before 2026-12 a foreground mask that on
+    object (``crop.object_mask``, the mask the engines' metrics sample; until 2026-11-30 a foreground mask that on
     a CT working grid with padding was the whole reconstruction circle) and ``fixed_mask`` that map inside the
     moving image under both transforms. Unlike the engines' metrics over the whole crop, whose value is dominated by the
     object/background edge, this measures the alignment of what is inside the object. On cropped MR

@@ -4,16 +4,17 @@ percentage, regular-step gradient descent, rigid -> affine [-> B-spline]).
 The metric samples the fixed OBJECT (``guards.metric_mask``: ``crop.object_mask`` inside the valid voxels), at
 least ``min_samples_per_level`` samples inside it per level, and rigid / affine stages run one pyramid level at a
 time with shrinking first steps and a stall stop (:func:`_run_stage`). Both were found on the real phantom pair
-(docs/benchmarks.md, 2026-12-01): over the whole crop the optimum lay 3.6-4.1 mm from the references, and
+(docs/benchmarks.md, 2026-11-30): over the whole crop the optimum lay 3.6-4.1 mm from the references, and
 the multi-level optimizer restarted each level with a 2 mm step.
 
 Each stage optimises a fresh transform ``T_stage`` (identity at start, centred on the fixed working image)
 on top of everything found so far, set as the moving initial transform; ITK then maps a fixed point p to
 ``previous(T_stage(p))``, so the running total is ``compose(T_stage, previous)``. All fixed->moving, LPS mm.
 
-An affine stage is kept only when an independent dense MI estimate on a common voxel set rises enough
-(:func:`.guards.affine_guard`): Mattes MI on random samples can drift into large volume changes on partial
-overlaps. Seeds and a single ITK thread make a run bit-for-bit repeatable.
+An affine stage runs only when scaling the previous result can raise an independent dense MI estimate
+(:func:`.guards.affine_can_help`, ``affine_precheck``), and is kept only when that estimate on a common voxel set
+rises enough (:func:`.guards.affine_guard`): Mattes MI on random samples can drift into large volume changes on
+partial overlaps. Seeds and a single ITK thread make a run bit-for-bit repeatable.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import SimpleITK as sitk
 from ..errors import Cancelled, RegistrationError
 from ..geometry import image_space, transforms
 from ..progress import SILENT, Progress
-from .guards import guarded_stage, metric_mask
+from .guards import affine_can_help, guarded_stage, metric_mask
 from .settings import EngineResult, RegistrationSettings, itk_preset
 
 
@@ -259,7 +260,7 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
         else preset["sampling_percentage"]
     iterations = settings.iterations if settings.iterations is not None else preset["iterations"]
     shrink, sigmas = pyramid(fixed.GetSpacing(), preset["coarsest_level_spacing_mm"], preset["max_levels"])
-    fixed_mask = metric_mask(fixed, fixed_mask, preset)
+    fixed_mask = metric_mask(fixed, fixed_mask, preset, settings.fixed_mask_is_region)
     sampling = _sampling_per_level(fixed, shrink, percentage, preset["min_samples_per_level"], fixed_mask)
     pyramid_levels = _StagePlan(iterations, shrink, sigmas, sampling)
     total = initial
@@ -268,14 +269,29 @@ def register_itk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
     for index, stage in enumerate(settings.stages):
         progress.report("register", index / len(settings.stages), f"{stage} stage (itk)")
         started = time.perf_counter()
+        precheck = None
+        if stage == "affine" and index > 0 and preset.get("affine_precheck", True):
+            precheck = affine_can_help(fixed, moving, total, fixed_mask, preset)
+            if not precheck["worth_running"]:  # the guard would reject it: do not pay for it
+                records.append(_skipped_stage(stage, precheck, time.perf_counter() - started))
+                continue
         plan = _stage_plan(stage, settings, preset, iterations, pyramid_levels)
         stage_transform, record = _run_stage(stage, plan, settings, preset, fixed, moving, total, fixed_mask,
                                              moving_mask, progress)
         total, check = guarded_stage(stage, fixed, moving, total, transforms.compose(stage_transform, total),
                                      fixed_mask, preset, warnings)
         records.append({"stage": stage, "engine": "itk", "seconds": round(time.perf_counter() - started, 3), **record,
-                        **({"guard": check} if check is not None else {})})
+                        **({"guard": check} if check is not None else {}),
+                        **({"precheck": precheck} if precheck is not None else {})})
     return EngineResult(total, records, _settings_used(settings, preset, percentage, pyramid_levels), warnings=warnings)
+
+
+def _skipped_stage(stage: str, precheck: dict, seconds: float) -> dict:
+    """The record of a stage that :func:`.guards.affine_can_help` found not worth running."""
+    return {"stage": stage, "engine": "itk", "seconds": round(seconds, 3), "skipped": True, "iterations": 0,
+            "stop_condition": f"not run: no scaling of the previous result by {precheck['probe_scale']:g} raised the "
+                              f"dense mutual information by {precheck['min_gain']:g} nats (affine_precheck)",
+            "precheck": precheck}
 
 
 def _settings_used(settings: RegistrationSettings, preset: dict, percentage: float, pyramid_levels: _StagePlan) -> dict:

@@ -5,7 +5,10 @@ included, plus per-stage records), the engines' names and fallback order, and th
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import SimpleITK as sitk
 
@@ -22,8 +25,36 @@ FALLBACK_ENGINES = {"itk": ("elastix",), "elastix": ("itk",), "brainsfit": ("itk
 STAGES = ("rigid", "affine", "bspline")
 
 
+#: The fix when the elastix engine's package is missing: itk-elastix (with ITK, ~1.6 GB) is an extra.
+ELASTIX_INSTALL = 'pip install "multimodal-prealign[elastix]"'
+
+
+@functools.lru_cache(maxsize=1)
+def elastix_installed() -> bool:
+    """True when itk-elastix is installed, found without importing ITK (it registers the ``Elastix`` module in
+    ``itk/Configuration/ElastixConfig.py``, where ITK's lazy loader finds its modules)."""
+    try:
+        spec = importlib.util.find_spec("itk")
+    except (ImportError, ValueError):
+        return False
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    return any((Path(folder) / "Configuration" / "ElastixConfig.py").is_file() for folder in folders)
+
+
+def engine_installed(engine: str) -> bool:
+    """False when ``engine``'s package is missing from this Python (elastix without itk-elastix)."""
+    return engine != "elastix" or elastix_installed()
+
+
+def require_elastix() -> None:
+    """InputError (one line naming the fix) when itk-elastix is not installed."""
+    if not elastix_installed():
+        raise InputError("The elastix engine needs the itk-elastix package, which is not installed", ELASTIX_INSTALL)
+
+
 def fallback_engines(engine: str) -> tuple:
-    """The engines a fallback tries after ``engine`` (:data:`FALLBACK_ENGINES`), in order."""
+    """The engines a fallback tries after ``engine`` (:data:`FALLBACK_ENGINES`), in order. The plan
+    (``pipeline.fallback.fallback_plan``) skips those not installed (:func:`engine_installed`) and says so."""
     return FALLBACK_ENGINES.get(engine, ())
 
 
@@ -73,6 +104,10 @@ class RegistrationSettings:
     #: brainsfit engine: keep its temporary files (working images, transforms, BRAINSFit's output) in a new
     #: ``brainsfit_*`` folder inside this folder; None: a temporary folder removed after the run.
     keep_temporary_dir: str | None = None
+    #: The caller's fixed mask is the region to sample, as given (a structure's dilated mask in per-structure
+    #: registration): the engines do not narrow it to the fixed object (``guards.metric_mask``). False: the fixed
+    #: mask says which voxels hold data and the metric samples the fixed object inside it.
+    fixed_mask_is_region: bool = False
 
     def validate(self) -> RegistrationSettings:
         if self.engine not in ENGINES:

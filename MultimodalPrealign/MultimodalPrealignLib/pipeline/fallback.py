@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..engines.settings import ELASTIX_INSTALL, engine_installed
 from ..geometry import transforms as tx
 from ..qa.verdict import FAIL, PASS, WARN, apply_verdict, judge
 
@@ -23,13 +24,34 @@ def should_fall_back(report: dict) -> bool:
     return verdict == FAIL
 
 
+class FallbackPlan(list):
+    """The planned (pre-alignment candidate, engine) attempts; ``skipped``: fallback engines left out because
+    their package is not installed (elastix without itk-elastix)."""
+
+    skipped: tuple = ()
+
+
+#: Why a fallback engine was skipped, and the fix.
+NOT_INSTALLED = {"elastix": ("itk-elastix is not installed", ELASTIX_INSTALL)}
+
+
 def fallback_plan(prealign_candidates: Sequence[str], engines: Sequence[str],
-                  max_attempts: int = MAX_ATTEMPTS) -> list[tuple]:
+                  max_attempts: int = MAX_ATTEMPTS) -> FallbackPlan:
     """Order of (pre-alignment candidate, engine) attempts, at most ``max_attempts``; the first is the normal run.
 
     After the normal run: the next pre-alignment candidate with the same engine, then the first candidate with
-    the other engine, then the remaining combinations (candidates in their ranking order).
+    the other engine, then the remaining combinations (candidates in their ranking order). Fallback engines
+    (after the first) that are not installed are left out and listed in ``skipped``.
     """
+    engines = list(engines)
+    skipped = tuple(e for e in engines[1:] if not engine_installed(e))
+    engines = engines[:1] + [e for e in engines[1:] if e not in skipped]
+    plan = FallbackPlan(_ordered_plan(prealign_candidates, engines, max_attempts))
+    plan.skipped = skipped
+    return plan
+
+
+def _ordered_plan(prealign_candidates: Sequence[str], engines: Sequence[str], max_attempts: int) -> list[tuple]:
     if not prealign_candidates or not engines:
         return []
     every = [(c, e) for e in engines for c in prealign_candidates]
@@ -79,11 +101,12 @@ def attempt_score(report: dict) -> tuple:
             -float(distance) if distance is not None else 0.0, nmi)
 
 
-def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int) -> dict:
+def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int, skipped: Sequence[str] = ()) -> dict:
     """Store ``report["fallback"]``: every attempt's (prealign, engine, verdict, reasons) and the chosen one.
 
     ``attempts``: dicts with at least ``prealign``, ``engine`` and the attempt's ``verdict``/``verdict_reasons``.
-    When more than one attempt ran, a WARN/FAIL reason says that the fallback was used.
+    When more than one attempt ran, a WARN/FAIL reason says that the fallback was used. ``skipped``: fallback
+    engines not installed (:class:`FallbackPlan`); recorded, with a note, when the first attempt failed.
     """
     rows = [{"prealign": a.get("prealign"), "engine": a.get("engine"), "verdict": a.get("verdict"),
              "reasons": list(a.get("verdict_reasons", []))} for a in attempts]
@@ -92,6 +115,14 @@ def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int) -
         note = (f"the first attempt ({rows[0]['prealign']} + {rows[0]['engine']}) failed its checks; "
                 f"attempt {chosen + 1} ({rows[chosen]['prealign']} + {rows[chosen]['engine']}) was used")
         final_report.setdefault("verdict_reasons", []).append(f"NOTE: automatic fallback: {note}")
+    if skipped and rows and rows[0].get("verdict") == FAIL:  # the fallback would have tried them
+        final_report["fallback"]["skipped_engines"] = []
+        for engine in skipped:
+            reason, fix = NOT_INSTALLED.get(engine, ("its package is not installed", None))
+            final_report["fallback"]["skipped_engines"].append({"engine": engine, "reason": reason, "fix": fix})
+            why = f"{reason}; {fix}" if fix else reason
+            final_report.setdefault("verdict_reasons", []).append(
+                f"NOTE: automatic fallback: the {engine} engine was not tried ({why})")
     return final_report["fallback"]
 
 
@@ -116,5 +147,5 @@ def run_with_fallback(attempt, plan: Sequence[tuple], thresholds: dict | None = 
     attempts = [{"prealign": label, "engine": engine, "verdict": r["verdict"],
                  "verdict_reasons": r.get("verdict_reasons", [])} for r, _, label, engine in done]
     chosen = done[index][0]
-    record_fallback(chosen, attempts, index)
+    record_fallback(chosen, attempts, index, getattr(plan, "skipped", ()))
     return chosen, done[index][1], index

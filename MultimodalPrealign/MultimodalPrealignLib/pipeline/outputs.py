@@ -3,6 +3,11 @@
 Everything is written into a staging folder next to the output folder and moved into place at the end, so a
 failed run leaves no partial outputs. transform.h5 maps FIXED physical points to MOVING physical points
 (LPS mm, ITK convention).
+
+moving_resampled.nrrd is the moving image on the fixed grid in the MOVING image's pixel type, uncompressed
+(:data:`RESAMPLED_COMPRESSION`): on the phantom pair (CT grid 512 x 512 x 409, int16) gzip level 1 took 1.8 s of
+CPU and the default level 3.4 s for a file of 146 / 109 MB instead of 214 MB, the raw write 0.1 s. It is resampled
+and written on a worker thread while the pictures and report.html are made (SimpleITK releases the GIL).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,10 @@ from .options import PipelineResult
 
 #: Files `register` writes into its output folder (re-running into a folder holding only these is allowed).
 OUTPUT_FILES = ("transform.h5", "moving_resampled.nrrd", "report.json", "report.html", "pictures", "structures")
+
+#: gzip level of moving_resampled.nrrd; 0 = uncompressed (a viewer's copy of the moving image, as large as the
+#: fixed grid: writing it compressed cost more than the registration stage on the phantom pair)
+RESAMPLED_COMPRESSION = 0
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -68,9 +78,20 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def resample_moving(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> sitk.Image:
-    """The ORIGINAL moving image on the ORIGINAL fixed grid, in the moving image's pixel type."""
+    """The ORIGINAL moving image on the ORIGINAL fixed grid (``fixed_to_moving``: fixed -> moving, LPS mm), linear
+    interpolation, in the moving image's pixel type (an int16 MR stays int16: half the bytes of float32)."""
     return sitk.Resample(moving, fixed, fixed_to_moving, sitk.sitkLinear, crop.background_value(moving),
                          moving.GetPixelID())
+
+
+def write_resampled(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform, path: Path, *,
+                    compression: int = RESAMPLED_COMPRESSION) -> float:
+    """Resample the moving image onto the fixed grid (:func:`resample_moving`) and write it to ``path``, gzip
+    level ``compression`` (0: uncompressed); returns the seconds it took."""
+    started = time.perf_counter()
+    image_io.write_image(resample_moving(fixed, moving, fixed_to_moving), path, compress=compression > 0,
+                         compression_level=max(compression, 1))
+    return time.perf_counter() - started
 
 
 def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, moving: sitk.Image,
@@ -88,9 +109,12 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=str(parent)))
     stopping.track(staging)  # removed if the process must be ended (Ctrl-C during a long write)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-resampled")
     try:
         transforms.write_transform(result.transform, staging / "transform.h5")
-        image_io.write_image(resample_moving(fixed, moving, result.transform), staging / "moving_resampled.nrrd")
+        # the largest output, on a worker thread while the pictures and report.html are made
+        resampled: Future = worker.submit(write_resampled, fixed, moving, result.transform,
+                                          staging / "moving_resampled.nrrd")
         report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
                              "report": "report.json"}
         if not no_report:
@@ -106,6 +130,7 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
                                 result.transform, fixed_labels, moving_labels, result.structure_pairs,
                                 write_pictures=not no_report)
         report["timings_s"]["report"] = round(time.perf_counter() - qa_started, 3)
+        report["timings_s"]["write_resampled"] = round(resampled.result(), 3)
         report["timings_s"]["write"] = round(time.perf_counter() - started, 3)
         report["timings_s"]["total_with_io"] = round(report["timings_s"]["total"] + load_seconds
                                                      + report["timings_s"]["write"], 3)
@@ -114,6 +139,7 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
         with stopping.committing():
             move_into_place(staging, out_dir)
     finally:
+        worker.shutdown(wait=True)  # the worker's file is in the staging folder: done before it is removed
         shutil.rmtree(staging, ignore_errors=True)
         stopping.untrack(staging)
     progress.report("write", 1.0, f"outputs in {out_dir}")

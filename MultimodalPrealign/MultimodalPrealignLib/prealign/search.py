@@ -27,9 +27,10 @@ How (all poses are rigid, fixed->moving, physical LPS mm):
    ``final_spacing_mm`` level with more bins and samples. The pipeline's engine refines further.
 
 Every candidate and score goes into ``PrealignResult.candidates``. Settings: ``resources/presets/
-search.json``, overridden by ``PrealignInputs.options``. Deterministic for a given seed; the search
-checks its time budget (``budget_s``, CPU seconds) between steps and stops early (keeping the best so
-far) when it runs out.
+search.json``, overridden by ``PrealignInputs.options``. Deterministic for a given seed, also on a busy machine:
+the budget (``budget_s``) is a count of work, sample points scored (:class:`WorkBudget`), about ``budget_s``
+CPU seconds of scoring on the reference machine; the search checks it between steps and stops early (keeping
+the best so far) when it runs out.
 """
 
 from __future__ import annotations
@@ -50,10 +51,34 @@ from ..progress import Progress
 from ..resource_files import load_settings
 from .base import PrealignInputs, PrealignResult
 
-#: Clock of the time budget: CPU seconds of this process (all threads). On a free machine this is about
-#: the wall time of the search; on a machine shared with other jobs it keeps the amount of work, and so
-#: the result, independent of the load.
-budget_clock = time.process_time
+#: Sample points scored per CPU second of scoring on the reference machine (2-core Xeon, numpy 2.4; the phantom
+#: pair's search scored 28.6 M sample points in 2.6-2.7 s of scoring CPU at load 5.5, 2026-11-30; rounded up for a
+#: quiet machine, so the budget binds no earlier than the CPU-time budget it replaces): turns ``budget_s`` into a
+#: count of work. Until 2026-11-30 the budget was CPU seconds (``time.process_time``), which a busy machine
+#: inflates, so the steps cut, and the result, depended on the load.
+WORK_PER_SECOND = 1.2e7
+
+
+class WorkBudget:
+    """The search's budget as work: sample points scored (each scored pose maps and interpolates the samples of
+    both levels, :class:`Scorer`). Deterministic: the same inputs stop at the same step on any machine."""
+
+    def __init__(self, limit: float):
+        self.limit = float(limit)
+        self.spent = 0.0
+
+    @staticmethod
+    def from_seconds(seconds: float) -> WorkBudget:
+        """The budget of ``seconds`` of scoring on the reference machine (:data:`WORK_PER_SECOND`)."""
+        return WorkBudget(float(seconds) * WORK_PER_SECOND)
+
+    def spend(self, work: float) -> None:
+        self.spent += float(work)
+
+    def left(self, until: float | None = None) -> bool:
+        """True while less than ``until`` (default the limit) has been spent."""
+        return self.spent < (self.limit if until is None else until)
+
 
 #: Minimum number of samples inside the other image for a score to count (else 0): below this the
 #: histogram (16 x 16 bins) is too sparse for MI, even with the Miller-Madow correction.
@@ -275,10 +300,14 @@ def _mask_from_array(mask: np.ndarray, like: sitk.Image) -> sitk.Image:
 class Scorer:
     """Scores batches of rigid poses (K x 4 x 4, fixed->moving) between two levels. Higher is better."""
 
-    def __init__(self, fixed: Level, moving: Level, bins: int, min_overlap_fraction: float):
+    def __init__(self, fixed: Level, moving: Level, bins: int, min_overlap_fraction: float,
+                 budget: WorkBudget | None = None):
         self.fixed, self.moving, self.bins = fixed, moving, bins
         self.min_overlap = float(min_overlap_fraction)
         self.evaluations = 0
+        #: where the work is counted (None: not counted); the work of one pose is both levels' sample points
+        self.budget = budget
+        self.pose_work = int(fixed.points.shape[0] + moving.points.shape[0])
         self.fixed_body_n = max(1, int(fixed.point_in_body.sum()))
         self.moving_body_n = max(1, int(moving.point_in_body.sum()))
 
@@ -318,7 +347,13 @@ class Scorer:
             out["mi"][sl] = mi
             out["overlap"][sl] = overlap
         self.evaluations += mats.shape[0]
+        if self.budget is not None:
+            self.budget.spend(mats.shape[0] * self.pose_work)
         return out
+
+    def work_left(self, until: float | None = None) -> bool:
+        """True while the budget's work is below ``until`` (always True without a budget)."""
+        return self.budget is None or self.budget.left(until)
 
 
 def _mutual_information(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -529,13 +564,14 @@ def perturbed(matrix: np.ndarray, center: np.ndarray, rotvec_deg, shift_mm) -> n
 
 
 def pattern_search(start: np.ndarray, scorer: Scorer, center: np.ndarray, step_deg: float, step_mm: float,
-                   min_step_deg: float, deadline: float, max_rounds: int = 40) -> tuple[np.ndarray, dict]:
-    """Coordinate pattern search over 3 rotations (degrees) and 3 shifts (mm); steps halve on failure."""
+                   min_step_deg: float, until: float | None = None, max_rounds: int = 40) -> tuple[np.ndarray, dict]:
+    """Coordinate pattern search over 3 rotations (degrees) and 3 shifts (mm); steps halve on failure; stops when
+    ``scorer``'s budget has spent ``until`` (work, :class:`WorkBudget`)."""
     best = start
     best_out = scorer.score(best[None])
     best_score = float(best_out["score"][0])
     rounds = 0
-    while step_deg >= min_step_deg and rounds < max_rounds and budget_clock() < deadline:
+    while step_deg >= min_step_deg and rounds < max_rounds and scorer.work_left(until):
         rounds += 1
         trials = []
         for axis in range(3):
@@ -576,26 +612,32 @@ def pattern_search(start: np.ndarray, scorer: Scorer, center: np.ndarray, step_d
 # ------------------------------------------------------------------------------------------ entry point
 @dataclass
 class _Run:
-    """What the steps of one search share: options, CPU-time budget, warnings, step timings (s), progress."""
+    """What the steps of one search share: options, the work budget, warnings, step timings (s), progress."""
 
     options: dict
     cpu_started: float
     progress: Progress
+    budget: WorkBudget
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     lap_started: float = 0.0
 
     def budget_share(self, share: float) -> float:
-        """The budget clock's value when ``share`` of the budget is used."""
-        return self.cpu_started + share * float(self.options["budget_s"])
+        """The work spent when ``share`` of the budget is used."""
+        return share * self.budget.limit
 
     @property
     def deadline(self) -> float:
-        return self.cpu_started + float(self.options["budget_s"])
+        return self.budget.limit
+
+    def within(self, until: float | None = None) -> bool:
+        """True while the work spent is below ``until`` (default the whole budget)."""
+        return self.budget.left(until)
 
     def deadline_or_soon(self) -> float:
-        """The deadline, or 0.2 s from now when it has passed (one more step still gets a little time)."""
-        return max(self.deadline, budget_clock() + 0.2)
+        """The budget, or 0.2 s of work (reference machine) more when it is spent (one more step still gets a
+        little)."""
+        return max(self.deadline, self.budget.spent + 0.2 * WORK_PER_SECOND)
 
     def lap(self, name: str) -> None:
         """Record the wall time (s) since the previous lap as ``timings[name]``."""
@@ -626,19 +668,20 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     local, local_starts = _local_search(cands, global_scored, coarse, probe, run)
     finals = _refine_on_fine_level(local or local_starts, fine, probe, run)
     best = max(finals, key=lambda c: c.score)
-    if run.options["turn_probes"] and budget_clock() < run.deadline:
+    if run.options["turn_probes"] and run.within():
         turned = _turn_probes(best, coarse, fine, run)
         best = max([best] + turned, key=lambda c: c.score)
         finals += turned
         run.lap("turn_s")
-    if run.options["final_spacing_mm"] < run.options["fine_spacing_mm"] and budget_clock() < run.deadline - 0.5:
+    if run.options["final_spacing_mm"] < run.options["fine_spacing_mm"] and run.within(
+            run.deadline - 0.5 * WORK_PER_SECOND):
         best = _polish_on_final_level(best, fixed_image, moving_image, inputs.seed, coarse, run)
         finals.append(best)
         run.lap("final_s")
     transform = transforms.rigid_from_matrix(best.matrix, center=fine.fixed.body_centroid)
     total = round(time.perf_counter() - started, 3)
     run.timings["total_s"] = total
-    run.timings["cpu_s"] = round(budget_clock() - run.cpu_started, 3)
+    run.timings["cpu_s"] = round(time.process_time() - run.cpu_started, 3)
     records = _candidate_records(global_scored, local + finals, int(run.options["max_recorded_candidates"]))
     details = _search_details(run, scale, best, len(cands), global_scored, coarse, fine)
     run.progress.report("prealign", 0.95, f"search: done in {total:.1f} s (score {best.score:.3f})")
@@ -647,13 +690,13 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
 
 def _start_run(inputs: PrealignInputs) -> tuple[_Run, float]:
     """The run state with the resolved options, lengths scaled to the object size; and that scale."""
-    cpu_started = budget_clock()
+    cpu_started = time.process_time()
     options = resolve_options(inputs.options)
     scale = image_space.object_scale(inputs.fixed, inputs.moving, options["reference_extent_mm"])
     options = scaled_options(options, scale, set(inputs.options or {}))
     if options["coarse_spacing_mm"] < options["fine_spacing_mm"]:
         options["coarse_spacing_mm"] = options["fine_spacing_mm"]
-    return _Run(options, cpu_started, inputs.progress), scale
+    return _Run(options, cpu_started, inputs.progress, WorkBudget.from_seconds(options["budget_s"])), scale
 
 
 def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int, run: _Run) -> tuple[Scorer, Scorer]:
@@ -674,8 +717,8 @@ def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int
         if not level.has_body:
             run.warnings.append(f"search: no object found in the {name} image by thresholding; scored all voxels")
     run.lap("prepare_s")
-    return (Scorer(fixed_coarse, moving_coarse, bins, options["min_overlap_fraction"]),
-            Scorer(fixed_fine, moving_fine, bins, options["min_overlap_fraction"]))
+    return (Scorer(fixed_coarse, moving_coarse, bins, options["min_overlap_fraction"], run.budget),
+            Scorer(fixed_fine, moving_fine, bins, options["min_overlap_fraction"], run.budget))
 
 
 def _score_global_candidates(coarse: Scorer, run: _Run) -> tuple[list[Candidate], list[Candidate]]:
@@ -690,7 +733,7 @@ def _score_global_candidates(coarse: Scorer, run: _Run) -> tuple[list[Candidate]
         for i, c in enumerate(part):
             c.score, c.mi, c.overlap = float(out["score"][i]), float(out["mi"][i]), float(out["overlap"][i])
         scored += len(part)
-        if budget_clock() > global_deadline:
+        if not run.within(global_deadline):
             break
     if scored < len(cands):
         run.warnings.append(f"search: time budget reached; scored {scored} of {len(cands)} global candidates")
@@ -708,7 +751,7 @@ def _local_search(cands: list[Candidate], global_scored: list[Candidate], coarse
     local: list[Candidate] = []
     local_deadline = run.budget_share(0.75)
     for start in local_starts:
-        if budget_clock() > local_deadline and local:
+        if not run.within(local_deadline) and local:
             run.warnings.append("search: time budget reached during local search")
             break
         matrix, out = run.refine(start.matrix, coarse, "local", local_deadline)
@@ -723,7 +766,7 @@ def _refine_on_fine_level(starts: list[Candidate], fine: Scorer, probe: np.ndarr
     to_refine = distinct(starts, probe, run.options["distinct_mm"], int(run.options["n_refine"]))
     finals: list[Candidate] = []
     for cand in to_refine:
-        if budget_clock() > run.deadline and finals:
+        if not run.within() and finals:
             run.warnings.append("search: time budget reached during refinement")
             break
         matrix, out = run.refine(cand.matrix, fine, "fine", run.deadline_or_soon())
@@ -739,7 +782,7 @@ def _turn_probes(best: Candidate, coarse: Scorer, fine: Scorer, run: _Run) -> li
     turned: list[Candidate] = []
     center = overlap_center(best.matrix, fine.fixed, fine.moving)
     for axis in range(3):
-        if budget_clock() > run.deadline:
+        if not run.within():
             run.warnings.append("search: time budget reached during the 180 degree turn probes")
             break
         start = perturbed(best.matrix, center, np.degrees(np.pi * coarse.fixed.body_axes[:, axis]), np.zeros(3))
@@ -759,7 +802,7 @@ def _polish_on_final_level(best: Candidate, fixed_image: sitk.Image, moving_imag
                              int(options["max_points_final"]), options["rim_mm"], seed, coarse.fixed)
     moving_final = make_level(moving_image, options["final_spacing_mm"], final_bins,
                               int(options["max_points_final"]), options["rim_mm"], seed + 1, coarse.moving)
-    final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"])
+    final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"], run.budget)
     matrix, out = run.refine(best.matrix, final_scorer, "final", run.deadline_or_soon())
     return Candidate(matrix, best.source, "final", out["score"], out["mi"], out["overlap"])
 
@@ -791,5 +834,7 @@ def _search_details(run: _Run, scale: float, best: Candidate, n_candidates: int,
         "levels": {"fixed_fine": fine.fixed.info, "moving_fine": fine.moving.info,
                    "fixed_coarse": coarse.fixed.info, "moving_coarse": coarse.moving.info},
         "timings_s": run.timings, "budget_s": run.options["budget_s"],
+        "budget_work": {"unit": "sample points scored", "limit": round(run.budget.limit),
+                        "spent": round(run.budget.spent)},
         "convention": "fixed->moving, physical LPS mm",
     }

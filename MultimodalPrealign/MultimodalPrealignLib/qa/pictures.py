@@ -154,8 +154,9 @@ def sample_plane(image: sitk.Image, grid: DisplayGrid, plane: str, transform: si
     if labels:
         out = sitk.Resample(image, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32)
         return _to_view(sitk.GetArrayFromImage(out), plane).astype(np.int64)
-    source = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
-    out = sitk.Resample(source, ref, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
+    # straight from the stored pixel type: ITK interpolates in double either way, and a float32 copy of a
+    # full-resolution CT per plane cost 1.8 s of the report on the phantom pair
+    out = sitk.Resample(image, ref, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
     return _to_view(sitk.GetArrayFromImage(out), plane)
 
 

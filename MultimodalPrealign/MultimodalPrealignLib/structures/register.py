@@ -454,7 +454,7 @@ def _register_one(fixed, moving, global_transform, fixed_labels: StructureLabels
     result.timings["crop"] = time.perf_counter() - started
     progress.report("structures", 0.15, f"{name}: working spacing {spacing:.2f} mm, fixed {fixed_work.GetSize()}, "
                                         f"mask {mask_voxels} voxels")
-    registration = dataclasses.replace(settings.registration)
+    registration = dataclasses.replace(settings.registration, fixed_mask_is_region=True)  # sample the bone's mask
     if registration.sampling_percentage is None:
         total = int(np.prod(fixed_work.GetSize()))
         # elastix samples inside its fixed mask; ITK and BRAINSFit draw over the grid and drop samples outside it
