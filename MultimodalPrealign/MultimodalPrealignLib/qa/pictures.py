@@ -265,7 +265,7 @@ def _outlined_text(draw: ImageDraw.ImageDraw, xy, text: str, font, anchor: str) 
 
 def _panel_image(rgb: np.ndarray, plane: str, scale: float, caption: str) -> Image.Image:
     height, width = rgb.shape[:2]
-    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))  # (rows, columns, 3) uint8: RGB
     image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
     draw = ImageDraw.Draw(image)
     font = _font(15)
