@@ -259,6 +259,17 @@ def check_transform(metrics: dict, t: dict) -> list[dict]:
     return [_check("transform", PASS, f"proper rotation, sizes kept (determinant {det:.3f})")]
 
 
+def _probe_check(name: str, gain: float, limits: dict, key: str, text: str, fail: str, warn: str,
+                 passed: str) -> dict:
+    """PASS / WARN / FAIL of one probe: its relative NMI gain against ``limits["fail_" + key]`` and
+    ``limits["warn_" + key]``; ``text`` (what the probe measured) ends the message."""
+    if gain > limits[f"fail_{key}"]:
+        return _check(name, FAIL, f"{fail}: {text}")
+    if gain > limits[f"warn_{key}"]:
+        return _check(name, WARN, f"{warn}: {text}")
+    return _check(name, PASS, f"{passed} ({text})")
+
+
 def check_probes(metrics: dict, t: dict) -> list[dict]:
     probes = metrics.get("probes") or {}
     if "result_nmi" not in probes:
@@ -268,79 +279,62 @@ def check_probes(metrics: dict, t: dict) -> list[dict]:
     shift = probes.get("best_shift") or {}
     if shift:
         gain = float(shift["relative_gain"])
-        text = (f"shifting the result by {shift['name']} changes NMI by {gain * 100:+.1f}% of NMI-1")
-        if gain > limits["fail_shift_relative_gain"]:
-            checks.append(_check("probe_shift", FAIL, f"the result is not the best nearby alignment: {text}"))
-        elif gain > limits["warn_shift_relative_gain"]:
-            checks.append(_check("probe_shift", WARN, f"the result may not be fully converged: {text}"))
-        else:
-            checks.append(_check("probe_shift", PASS, f"no small shift aligns better ({text})"))
+        checks.append(_probe_check(
+            "probe_shift", gain, limits, "shift_relative_gain",
+            f"shifting the result by {shift['name']} changes NMI by {gain * 100:+.1f}% of NMI-1",
+            "the result is not the best nearby alignment", "the result may not be fully converged",
+            "no small shift aligns better"))
     turn = probes.get("best_turn") or {}
     if turn:
         gain = float(turn["relative_gain"])
-        text = f"turning the result by {turn['name']} changes NMI by {gain * 100:+.1f}% of NMI-1"
-        if gain > limits["fail_turn_relative_gain"]:
-            checks.append(_check("probe_turn", FAIL, "a 180-degree turn of the result fits clearly better, so it may "
-                                                   f"be upside down or reversed: {text}"))
-        elif gain > limits["warn_turn_relative_gain"]:
-            checks.append(_check("probe_turn", WARN, f"a 180-degree turn fits about as well: {text}"))
-        else:
-            checks.append(_check("probe_turn", PASS, f"no 180-degree turn fits better ({text})"))
+        checks.append(_probe_check(
+            "probe_turn", gain, limits, "turn_relative_gain",
+            f"turning the result by {turn['name']} changes NMI by {gain * 100:+.1f}% of NMI-1",
+            "a 180-degree turn of the result fits clearly better, so it may be upside down or reversed",
+            "a 180-degree turn fits about as well", "no 180-degree turn fits better"))
     mirror = probes.get("best_mirror") or {}
     if mirror and "fail_mirror_relative_gain" in limits:
         gain = float(mirror["relative_gain"])
-        text = f"the result {mirror['name']} changes NMI by {gain * 100:+.1f}% of NMI-1"
-        if gain > limits["fail_mirror_relative_gain"]:
-            checks.append(_check("probe_mirror", FAIL, "a mirror image of the result fits clearly better, so one "
-                                                     "image may be mirrored: check the signs of spacing / direction "
-                                                     f"in its header (a registration cannot undo a mirror): {text}"))
-        elif gain > limits["warn_mirror_relative_gain"]:
-            checks.append(_check("probe_mirror", WARN, f"a mirror image of the result fits about as well (a nearly "
-                                                     f"symmetric object?): {text}"))
-        else:
-            checks.append(_check("probe_mirror", PASS, f"no mirror image fits better ({text})"))
+        checks.append(_probe_check(
+            "probe_mirror", gain, limits, "mirror_relative_gain",
+            f"the result {mirror['name']} changes NMI by {gain * 100:+.1f}% of NMI-1",
+            "a mirror image of the result fits clearly better, so one image may be mirrored: check the signs of "
+            "spacing / direction in its header (a registration cannot undo a mirror)",
+            "a mirror image of the result fits about as well (a nearly symmetric object?)",
+            "no mirror image fits better"))
     return checks + _wide_probe_checks(probes.get("wide") or {}, limits)
 
 
 def _wide_probe_checks(wide: dict, limits: dict) -> list[dict]:
-    """The wide probes: the result slid along the body, and turned 180 degrees then refined (coarse grid)."""
+    """The wide probes: the result slid along the body, turned 180 degrees then refined, and refined itself
+    (coarse grid)."""
     checks = []
+    grid = f"({wide.get('grid_mm')} mm grid)"
     slide = wide.get("best_slide") or {}
     if slide and "fail_slide_relative_gain" in limits:
         gain = float(slide["relative_gain"])
-        text = f"the result {slide['name']} changes NMI by {gain * 100:+.1f}% of NMI-1 ({wide.get('grid_mm')} mm grid)"
-        if gain > limits["fail_slide_relative_gain"]:
-            checks.append(_check("probe_slide", FAIL, "the result may sit at the wrong place along the body (a slab or "
-                                                    f"a partial field of view slides easily): {text}"))
-        elif gain > limits["warn_slide_relative_gain"]:
-            checks.append(_check("probe_slide", WARN, f"a slid position fits about as well: {text}"))
-        else:
-            checks.append(_check("probe_slide", PASS, f"no slid position fits better ({text})"))
+        checks.append(_probe_check(
+            "probe_slide", gain, limits, "slide_relative_gain",
+            f"the result {slide['name']} changes NMI by {gain * 100:+.1f}% of NMI-1 {grid}",
+            "the result may sit at the wrong place along the body (a slab or a partial field of view slides easily)",
+            "a slid position fits about as well", "no slid position fits better"))
     turn = wide.get("best_refined_turn") or {}
     if turn and "fail_refined_turn_relative_gain" in limits:
         gain = float(turn["relative_gain"])
-        text = f"{turn['name']}: NMI changes by {gain * 100:+.1f}% of NMI-1 ({wide.get('grid_mm')} mm grid)"
-        if gain > limits["fail_refined_turn_relative_gain"]:
-            checks.append(_check("probe_turn_refined", FAIL, "a 180-degree turn of the result, refined, fits clearly "
-                                                           f"better, so it may be upside down or reversed: {text}"))
-        elif gain > limits["warn_refined_turn_relative_gain"]:
-            checks.append(_check("probe_turn_refined", WARN, "a refined 180-degree turn fits almost as well, so the "
-                                                           "object may look alike turned: check its orientation in "
-                                                           f"the pictures: {text}"))
-        else:
-            checks.append(_check("probe_turn_refined", PASS, f"no refined 180-degree turn fits as well ({text})"))
+        checks.append(_probe_check(
+            "probe_turn_refined", gain, limits, "refined_turn_relative_gain",
+            f"{turn['name']}: NMI changes by {gain * 100:+.1f}% of NMI-1 {grid}",
+            "a 180-degree turn of the result, refined, fits clearly better, so it may be upside down or reversed",
+            "a refined 180-degree turn fits almost as well, so the object may look alike turned: check its "
+            "orientation in the pictures", "no refined 180-degree turn fits as well"))
     refined = wide.get("refined_result") or {}
     if refined and "fail_refined_result_relative_gain" in limits:
         gain = float(refined["relative_gain"])
-        text = (f"a short search around the result raises NMI by {gain * 100:+.1f}% of NMI-1 "
-                f"({wide.get('grid_mm')} mm grid)")
-        if gain > limits["fail_refined_result_relative_gain"]:
-            checks.append(_check("probe_refined", FAIL, f"a nearby pose fits clearly better, so the result is off: "
-                                                      f"{text}"))
-        elif gain > limits["warn_refined_result_relative_gain"]:
-            checks.append(_check("probe_refined", WARN, f"a nearby pose fits better: {text}"))
-        else:
-            checks.append(_check("probe_refined", PASS, f"no nearby pose fits clearly better ({text})"))
+        checks.append(_probe_check(
+            "probe_refined", gain, limits, "refined_result_relative_gain",
+            f"a short search around the result raises NMI by {gain * 100:+.1f}% of NMI-1 {grid}",
+            "a nearby pose fits clearly better, so the result is off", "a nearby pose fits better",
+            "no nearby pose fits clearly better"))
     return checks
 
 
