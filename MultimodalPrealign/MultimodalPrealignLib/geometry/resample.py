@@ -47,10 +47,11 @@ def grid_for_box(box: Box, spacing, direction: np.ndarray | None = None) -> dict
 
 
 def make_reference(grid: dict, pixel_id=sitk.sitkFloat32) -> sitk.Image:
-    ref = sitk.Image(grid["size"], pixel_id)
-    ref.SetOrigin(grid["origin"])
-    ref.SetSpacing(grid["spacing"])
-    ref.SetDirection(grid["direction"])
+    """An empty image on ``grid`` (``size``, ``origin``, ``spacing``, ``direction``; numpy or Python numbers)."""
+    ref = sitk.Image([int(v) for v in grid["size"]], pixel_id)
+    ref.SetOrigin([float(v) for v in grid["origin"]])
+    ref.SetSpacing([float(v) for v in grid["spacing"]])
+    ref.SetDirection([float(v) for v in grid["direction"]])
     return ref
 
 

@@ -38,6 +38,7 @@ import SimpleITK as sitk
 
 from ..geometry import transforms
 from ..geometry.image_space import inside_image
+from ..geometry.resample import make_reference
 from ..resource_files import load_resource_json
 
 #: Tissue codes of the tissue map (index into the intensity tables).
@@ -340,14 +341,6 @@ def _grid_matrices(grid: dict, image_to_world: np.ndarray) -> tuple[np.ndarray, 
     return b, c
 
 
-def _reference(grid: dict, pixel_id) -> sitk.Image:
-    image = sitk.Image([int(v) for v in grid["size"]], pixel_id)
-    image.SetSpacing([float(v) for v in grid["spacing"]])
-    image.SetOrigin([float(v) for v in grid["origin"]])
-    image.SetDirection([float(v) for v in grid["direction"]])
-    return image
-
-
 def _bias_factors(size, rng: np.random.Generator, strength: float) -> list[np.ndarray]:
     """Separable smooth multiplicative field exp(strength * (linear + quadratic)) per grid axis (x, y, z)."""
     factors = []
@@ -428,7 +421,7 @@ def render_knee(modality: str, grid: dict, image_to_world: np.ndarray | None, fl
                 total += np.float32(sigma) * rng.standard_normal(total.shape, dtype=np.float32)
         out[k0:k1] = np.clip(np.rint(total), -32768, 32767).astype(np.int16)
     image = sitk.GetImageFromArray(out)
-    image.CopyInformation(_reference(grid, sitk.sitkInt16))
+    image.CopyInformation(make_reference(grid, sitk.sitkInt16))
     label_image = None
     if label_out is not None:
         label_image = sitk.GetImageFromArray(label_out)

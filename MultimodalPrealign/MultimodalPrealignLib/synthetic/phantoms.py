@@ -33,7 +33,7 @@ import SimpleITK as sitk
 
 from ..geometry import transforms
 from ..geometry.image_space import Box, index_to_physical_points, inside_image, physical_corners
-from ..geometry.resample import grid_for_box
+from ..geometry.resample import grid_for_box, make_reference
 from ..io.modality import totalsegmentator_task
 from ..resource_files import load_resource_json
 
@@ -195,14 +195,6 @@ def _grid_affine(grid: dict) -> tuple[np.ndarray, np.ndarray]:
     return d @ np.diag(np.asarray(grid["spacing"], float)), np.asarray(grid["origin"], float)
 
 
-def _reference(grid: dict, pixel_id) -> sitk.Image:
-    image = sitk.Image([int(v) for v in grid["size"]], pixel_id)
-    image.SetSpacing([float(v) for v in grid["spacing"]])
-    image.SetOrigin([float(v) for v in grid["origin"]])
-    image.SetDirection([float(v) for v in grid["direction"]])
-    return image
-
-
 def _supersampled(grid: dict, factor: int) -> dict:
     a, origin = _grid_affine(grid)
     # continuous coarse index of fine index f: (f + 0.5) / factor - 0.5
@@ -330,7 +322,7 @@ def render(modality: str, grid: dict, image_to_world: sitk.Transform | np.ndarra
         outside_fov = _outside_circle(grid, float(ct_fov_radius_mm))
         array[outside_fov] = CT_PADDING_HU
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-    image.CopyInformation(_reference(grid, sitk.sitkFloat32))
+    image.CopyInformation(make_reference(grid, sitk.sitkFloat32))
     labels = None
     if label_task is not None:
         label_array = _label_table(label_task)[centre_index]
