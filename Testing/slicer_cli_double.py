@@ -214,13 +214,7 @@ class SlicerCLIDouble:
             if spec["channel"] == "output":
                 outputs[name] = (node, path)
             elif spec["tag"] == "transform":
-                storage = slicer.vtkMRMLTransformStorageNode()
-                self.scene.AddNode(storage)
-                storage.SetFileName(str(path))
-                try:
-                    assert storage.WriteData(node), f"Slicer could not write {node.GetName()}"
-                finally:
-                    self.scene.RemoveNode(storage)
+                self._transform_file(node, path, "WriteData", f"Slicer could not write {node.GetName()}")
             else:
                 sitk.WriteImage(mrml_bridge.volume_node_to_sitk(node, name), str(path))
             with_files[name] = path.name
@@ -269,16 +263,20 @@ class SlicerCLIDouble:
         if record.delete_temporary_files:
             shutil.rmtree(record.folder, ignore_errors=True)
 
+    def _transform_file(self, node, path: Path, operation: str, failure: str) -> None:
+        """Write (``WriteData``) or read (``ReadData``) a transform node's file with Slicer's own storage node."""
+        storage = slicer.vtkMRMLTransformStorageNode()
+        self.scene.AddNode(storage)
+        storage.SetFileName(str(path))
+        try:
+            assert getattr(storage, operation)(node), failure
+        finally:
+            self.scene.RemoveNode(storage)
+
     def _read_output(self, node, path: Path) -> None:
         if not path.is_file():
             return
         if node.IsA("vtkMRMLTransformNode"):
-            storage = slicer.vtkMRMLTransformStorageNode()
-            self.scene.AddNode(storage)
-            storage.SetFileName(str(path))
-            try:
-                assert storage.ReadData(node), f"Slicer could not read BRAINSFit's {path.name}"
-            finally:
-                self.scene.RemoveNode(storage)
+            self._transform_file(node, path, "ReadData", f"Slicer could not read BRAINSFit's {path.name}")
         else:
             mrml_bridge.update_volume_node_from_sitk(node, sitk.ReadImage(str(path)))
