@@ -16,7 +16,7 @@ import pytest
 CORE = Path(__file__).resolve().parents[1] / "MultimodalPrealign" / "MultimodalPrealignLib"
 PACKAGE = "MultimodalPrealignLib"
 LAYERS = {
-    "": 0, "errors": 0, "progress": 0, "resource_files": 0, "stopping": 0,
+    "": 0, "errors": 0, "progress": 0, "resource_files": 0, "stopping": 0, "parallel": 0,
     "geometry": 1,
     "io": 2, "synthetic": 2,
     "diagnose": 3,

@@ -91,6 +91,41 @@ def test_resampled_moving_can_be_compressed(tmp_path):
     assert "encoding: gzip" in path.read_bytes()[:2000].split(b"\n\n")[0].decode()
 
 
+def test_resampled_moving_made_ahead_is_used_only_for_the_transform_it_was_made_for(tmp_path):
+    pair = phantoms.make_pair(seed=1, labels=False, fixed_spacing=(6.0, 6.0, 6.0), moving_spacing=(6.0, 6.0, 8.0))
+    first = pair.fixed_to_moving
+    other = transforms.affine_from_matrix(transforms.to_matrix(first) @ np.array(
+        [[1, 0, 0, 12.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    ahead = outputs.ResampleAhead(pair.fixed, pair.moving)
+    ahead.start(first)
+    ahead.start(other)  # a fallback's result: ignored, made at write time
+    try:
+        for kept, name in ((other, "other.nrrd"), (first, "first.nrrd")):
+            outputs.write_resampled(pair.fixed, pair.moving, kept, tmp_path / name, ahead=ahead)
+            expected = outputs.resample_moving(pair.fixed, pair.moving, kept)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))),
+                                          sitk.GetArrayFromImage(expected))
+        assert ahead.take(first) is None  # handed over once
+    finally:
+        ahead.close()
+
+
+def test_register_files_writes_the_kept_transforms_resampled_moving(tmp_path):
+    from MultimodalPrealignLib import pipeline
+
+    pair = phantoms.make_pair(seed=1, labels=False, rotation_deg=6.0, translation_mm=8.0,
+                              fixed_spacing=(4.0, 4.0, 4.0), moving_spacing=(4.0, 4.0, 5.0))
+    sitk.WriteImage(pair.fixed, str(tmp_path / "f.nrrd"))
+    sitk.WriteImage(pair.moving, str(tmp_path / "m.nrrd"))
+    result = pipeline.register_files(tmp_path / "f.nrrd", tmp_path / "m.nrrd", tmp_path / "out",
+                                     pipeline.PipelineOptions.create(no_report=True))
+    written = sitk.ReadImage(str(tmp_path / "out" / "moving_resampled.nrrd"))
+    kept = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written),
+                                  sitk.GetArrayFromImage(outputs.resample_moving(pair.fixed, pair.moving, kept)))
+    assert result.report["timings_s"]["write_resampled"] > 0.0
+
+
 @pytest.fixture(scope="module")
 def search_pair():
     return phantoms.make_pair(seed=3, labels=False, rotation_deg=25.0, translation_mm=60.0, flip=True,
@@ -126,3 +161,52 @@ def test_work_budget_counts_scored_sample_points():
     scorer.score(np.stack([np.eye(4)] * 3))
     assert budget.spent == 3 * (fixed.points.shape[0] + moving.points.shape[0])
     assert not budget.left(budget.spent) and budget.left(budget.spent + 1)
+
+
+# ------------------------------------------------------------------------------------------------ two threads
+def _search_and_metrics(monkeypatch, threads: str):
+    """The search's result and the QA metrics block of a small pair, with ``threads`` (1: serial, 2: two threads)."""
+    from MultimodalPrealignLib.qa import measure
+
+    monkeypatch.setenv("MULTIMODAL_PREALIGN_THREADS", threads)
+    pair = phantoms.make_pair(seed=3, labels=False, rotation_deg=20.0, translation_mm=40.0,
+                              fixed_spacing=(4.0, 4.0, 4.0), moving_spacing=(4.0, 4.0, 5.0))
+    found = search.prealign(prealign.PrealignInputs(fixed=pair.fixed, moving=pair.moving, seed=0))
+    plan = crop.plan_crop(pair.fixed, pair.moving, found.transform)
+    fixed_work, moving_work = crop.apply_crop(pair.fixed, pair.moving, plan)
+    metrics = measure.evaluate(pair.fixed, pair.moving, sitk.Transform(), found.transform, working_spacing_mm=4.0,
+                               probe_spacing_mm=8.0)
+    metrics.pop("seconds")
+    metrics["probes"]["wide"].pop("seconds")
+    arrays = [sitk.GetArrayFromImage(image) for image in (fixed_work, moving_work)]
+    return transforms.to_matrix(found.transform), found.candidates, metrics, arrays
+
+
+def test_two_threads_give_the_serial_results_bit_for_bit(monkeypatch):
+    serial = _search_and_metrics(monkeypatch, "1")
+    threaded = _search_and_metrics(monkeypatch, "2")
+    assert np.array_equal(serial[0], threaded[0])  # the search's pose
+    assert serial[1] == threaded[1]  # every candidate's score
+    assert serial[2] == threaded[2] and "wide" in threaded[2]["probes"]  # the metrics and probes
+    for a, b in zip(serial[3], threaded[3]):  # the crop's working grids
+        assert np.array_equal(a, b)
+
+
+def test_two_threads_run_at_once_and_pass_errors_on(monkeypatch):
+    import threading
+
+    from MultimodalPrealignLib import parallel
+
+    monkeypatch.setenv("MULTIMODAL_PREALIGN_THREADS", "2")
+    barrier = threading.Barrier(2, timeout=10)  # both must be running at the same time to pass it
+    names = parallel.both(lambda: (barrier.wait(), threading.current_thread().name)[1],
+                          lambda: (barrier.wait(), threading.current_thread().name)[1])
+    assert names[0] == threading.current_thread().name and names[1].startswith("mmp-second")
+    # nested: the worker's own call runs serially instead of waiting on itself
+    assert parallel.both(lambda: 1, lambda: parallel.both(lambda: 2, lambda: 3)) == (1, (2, 3))
+    with pytest.raises(ZeroDivisionError):
+        parallel.both(lambda: 1, lambda: 1 / 0)
+    with pytest.raises(KeyError):
+        parallel.both(lambda: {}["x"], lambda: 1)
+    monkeypatch.setenv("MULTIMODAL_PREALIGN_THREADS", "1")
+    assert parallel.both(threading.current_thread, threading.current_thread) == (threading.current_thread(),) * 2

@@ -32,7 +32,8 @@ from . import record, summary
 
 WORK_FOLDER = ".work"
 #: Environment variables that cap a worker's threads (ITK, OpenMP, BLAS).
-THREAD_ENV = ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_ENV = ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+              "MULTIMODAL_PREALIGN_THREADS")
 #: Exit code of a pair stopped because the batch was interrupted.
 EXIT_INTERRUPTED = 130
 #: How often (s) a running pair looks for the batch's stop file.

@@ -33,7 +33,7 @@ from . import attempts, reproduce, stages
 from .fallback import MAX_ATTEMPTS
 from .inputs import load_inputs, record_input_paths
 from .options import PipelineOptions, PipelineResult
-from .outputs import OUTPUT_FILES, check_output_dir, move_into_place, resample_moving, write_outputs
+from .outputs import OUTPUT_FILES, ResampleAhead, check_output_dir, move_into_place, resample_moving, write_outputs
 from .state import QA_SPACING_MM, RunState
 
 __all__ = [
@@ -45,7 +45,8 @@ __all__ = [
 def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None = None,
                  fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
                  progress: Progress | None = None, crop_fn=None, register_fn=None,
-                 landmarks=None, structure_labels=None, moving_structure_labels=None) -> PipelineResult:
+                 landmarks=None, structure_labels=None, moving_structure_labels=None,
+                 resample_ahead=None) -> PipelineResult:
     """Pre-align, crop and register ``moving`` to ``fixed``; returns the composed fixed->moving transform.
 
     Every attempt is measured (:func:`qa.measure.evaluate`) and judged (PASS/WARN/FAIL); on FAIL the run falls
@@ -56,10 +57,12 @@ def run_pipeline(fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions
     :class:`landmarks.LandmarkPairs` for target registration errors. ``structure_labels`` /
     ``moving_structure_labels`` (:class:`structures.StructureLabels`, names kept): the structures of
     ``options.per_structure`` (default: from the label maps, or automatic bones with ``options.structure_threshold``).
+    ``resample_ahead``: :class:`outputs.ResampleAhead` (``register_files``: the output image made early).
     """
     state = RunState.start(fixed, moving, options, fixed_labels, moving_labels, progress, crop_fn, register_fn,
                            landmarks)
     state.structure_labels, state.moving_structure_labels = structure_labels, moving_structure_labels
+    state.resample_ahead = resample_ahead
     stages.check_inputs(state)
     stages.diagnose_images(state)
     stages.prealign_pair(state)
@@ -91,19 +94,24 @@ def register_files(fixed_path, moving_path, out_dir, options: PipelineOptions | 
                          landmarks_path, moving_landmarks_path)
 
     named = structure_label_files(options, loaded, fixed_labels_path, moving_labels_path)
-    result = run_pipeline(loaded.fixed, loaded.moving, options, loaded.fixed_labels, loaded.moving_labels, progress,
-                          landmarks=loaded.landmarks, structure_labels=named[0], moving_structure_labels=named[1])
-    result.report["timings_s"]["load"] = round(loaded.seconds, 3)
-    record_input_paths(result.report, fixed_path, moving_path, fixed_labels_path, moving_labels_path)
-    if command is not None:
-        result.report["command"] = command
-    given = dict(reproduce_with or {"fixed_labels": fixed_labels_path, "moving_labels": moving_labels_path})
-    reproduce.for_files(result.report, result.engine.settings_used, fixed_path, moving_path, out_dir, options,
-                        given.get("fixed_labels"), given.get("moving_labels"), landmarks_path, moving_landmarks_path,
-                        extra_arguments=given.get("extra_arguments"))
+    ahead = ResampleAhead(loaded.fixed, loaded.moving)  # the output image, made while the result is measured
+    try:
+        result = run_pipeline(loaded.fixed, loaded.moving, options, loaded.fixed_labels, loaded.moving_labels,
+                              progress, landmarks=loaded.landmarks, structure_labels=named[0],
+                              moving_structure_labels=named[1], resample_ahead=ahead)
+        result.report["timings_s"]["load"] = round(loaded.seconds, 3)
+        record_input_paths(result.report, fixed_path, moving_path, fixed_labels_path, moving_labels_path)
+        if command is not None:
+            result.report["command"] = command
+        given = dict(reproduce_with or {"fixed_labels": fixed_labels_path, "moving_labels": moving_labels_path})
+        reproduce.for_files(result.report, result.engine.settings_used, fixed_path, moving_path, out_dir, options,
+                            given.get("fixed_labels"), given.get("moving_labels"), landmarks_path,
+                            moving_landmarks_path, extra_arguments=given.get("extra_arguments"))
 
-    write_outputs(result, out_dir, loaded.fixed, loaded.moving, loaded.fixed_labels, loaded.moving_labels,
-                  options.no_report, loaded.seconds, progress)
+        write_outputs(result, out_dir, loaded.fixed, loaded.moving, loaded.fixed_labels, loaded.moving_labels,
+                      options.no_report, loaded.seconds, progress, ahead)
+    finally:
+        ahead.close()
     return result
 
 

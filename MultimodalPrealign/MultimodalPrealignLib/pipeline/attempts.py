@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import SimpleITK as sitk
 
-from .. import crop, engines
+from .. import crop, engines, parallel
 from ..engines.guards import registration_guard
 from ..errors import InputError, PrealignError, RegistrationError
 from ..geometry import image_space, transforms
@@ -131,6 +131,8 @@ def run_attempt(state: RunState, choice: tuple, engine: str, progress=None) -> t
         return _failed(err), attempt
     guard_registration(state, attempt, work)
     attempt.timings["register"] = time.perf_counter() - started
+    if state.resample_ahead is not None:  # the output image of this result while it is measured (first attempt)
+        state.resample_ahead.start(attempt.result.transform)
     return {"metrics": evaluate(state, attempt, progress)}, attempt
 
 
@@ -151,8 +153,8 @@ def make_working_grids(state: RunState, attempt: Attempt, plan: crop.CropPlan, s
                        progress=None) -> WorkingPair:
     """The working grids (``state.crop_fn``) and their metric masks; records the crop time since ``started``."""
     fixed_work, moving_work = state.crop_fn(state.fixed, state.moving, plan)
-    work = WorkingPair(fixed_work, moving_work, crop.validity_mask(fixed_work, state.fixed),
-                       crop.validity_mask(moving_work, state.moving))
+    work = WorkingPair(fixed_work, moving_work, *parallel.both(lambda: crop.validity_mask(fixed_work, state.fixed),
+                                                               lambda: crop.validity_mask(moving_work, state.moving)))
     attempt.plan = plan
     attempt.timings["crop"] = time.perf_counter() - started
     (progress or state.progress).report("crop", 0.15, f"working spacing {plan.working_spacing_mm[0]:.2f} mm, "

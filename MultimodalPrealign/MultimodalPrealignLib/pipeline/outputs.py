@@ -84,23 +84,68 @@ def resample_moving(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk
                          moving.GetPixelID())
 
 
-def write_resampled(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform, path: Path, *,
-                    compression: int = RESAMPLED_COMPRESSION) -> float:
-    """Resample the moving image onto the fixed grid (:func:`resample_moving`) and write it to ``path``, gzip
-    level ``compression`` (0: uncompressed); returns the seconds it took."""
+class ResampleAhead:
+    """moving_resampled.nrrd's image computed while the run measures its first result.
+
+    :meth:`start` (called once, by the first attempt as soon as its transform is registered and guarded) resamples
+    on a worker thread while the QA metrics run; :meth:`take` hands the image to :func:`write_outputs` when the run
+    kept that very transform (no fallback), else None (the image is made again for the transform kept). Later
+    :meth:`start` calls are ignored: a fallback's transform is resampled at write time, as before.
+    """
+
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image):
+        self.fixed, self.moving = fixed, moving
+        self._worker: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+        self._transform: sitk.Transform | None = None
+
+    def start(self, fixed_to_moving: sitk.Transform) -> None:
+        if self._transform is not None:
+            return
+        self._transform = fixed_to_moving
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-resample-ahead")
+        self._future = self._worker.submit(_timed_resample, self.fixed, self.moving, fixed_to_moving)
+
+    def take(self, fixed_to_moving: sitk.Transform) -> tuple[sitk.Image, float] | None:
+        """(image, seconds it took) when it was made for ``fixed_to_moving`` (the same object), else None."""
+        if self._future is None or fixed_to_moving is not self._transform:
+            return None
+        future, self._future = self._future, None
+        return future.result()
+
+    def close(self) -> None:
+        """Drop the image; wait for the worker (a resampling cannot be interrupted)."""
+        self._future = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+
+
+def _timed_resample(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> tuple[sitk.Image,
+                                                                                                     float]:
     started = time.perf_counter()
-    image_io.write_image(resample_moving(fixed, moving, fixed_to_moving), path, compress=compression > 0,
-                         compression_level=max(compression, 1))
-    return time.perf_counter() - started
+    return resample_moving(fixed, moving, fixed_to_moving), time.perf_counter() - started
+
+
+def write_resampled(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform, path: Path, *,
+                    compression: int = RESAMPLED_COMPRESSION, ahead: ResampleAhead | None = None) -> float:
+    """Resample the moving image onto the fixed grid (:func:`resample_moving`; taken from ``ahead`` when it made it
+    for this transform) and write it to ``path``, gzip level ``compression`` (0: uncompressed); returns the
+    seconds of resampling and writing."""
+    started = time.perf_counter()
+    made = ahead.take(fixed_to_moving) if ahead is not None else None
+    image, earlier = made if made is not None else (resample_moving(fixed, moving, fixed_to_moving), 0.0)
+    image_io.write_image(image, path, compress=compression > 0, compression_level=max(compression, 1))
+    return time.perf_counter() - started + earlier
 
 
 def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, moving: sitk.Image,
                   fixed_labels: sitk.Image | None, moving_labels: sitk.Image | None, no_report: bool,
-                  load_seconds: float, progress: Progress) -> None:
+                  load_seconds: float, progress: Progress, ahead: ResampleAhead | None = None) -> None:
     """Write transform.h5, moving_resampled.nrrd, report.json and (unless ``no_report``) report.html and
     pictures/ into a staging folder, then move them into ``out_dir`` (created; our previous outputs replaced).
 
-    Completes ``result.report`` (outputs, verdict, write timings) before report.json is written.
+    Completes ``result.report`` (outputs, verdict, write timings) before report.json is written. ``ahead``: the
+    resampled moving image made while the run measured its result (:class:`ResampleAhead`).
     """
     report = result.report
     progress.report("write", 0.95, f"writing outputs to {out_dir}")
@@ -114,7 +159,7 @@ def write_outputs(result: PipelineResult, out_dir: Path, fixed: sitk.Image, movi
         transforms.write_transform(result.transform, staging / "transform.h5")
         # the largest output, on a worker thread while the pictures and report.html are made
         resampled: Future = worker.submit(write_resampled, fixed, moving, result.transform,
-                                          staging / "moving_resampled.nrrd")
+                                          staging / "moving_resampled.nrrd", ahead=ahead)
         report["outputs"] = {"transform": "transform.h5", "moving_resampled": "moving_resampled.nrrd",
                              "report": "report.json"}
         if not no_report:

@@ -78,6 +78,8 @@ class RunState:
     moving_structure_labels: object = None
     structure_results: list | None = None
     structures_report: dict | None = None
+    # outputs: moving_resampled.nrrd's image made while the first result is measured (outputs.ResampleAhead)
+    resample_ahead: object = None
 
     @classmethod
     def start(cls, fixed: sitk.Image, moving: sitk.Image, options: PipelineOptions | None,

@@ -38,11 +38,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .. import parallel
 from ..errors import InputError
 from ..geometry import image_space, transforms
 from ..geometry.masks import foreground_mask, padding_value
@@ -337,8 +339,9 @@ class Scorer:
         for start in range(0, mats.shape[0], chunk):
             part = mats[start:start + chunk]
             inv = np.linalg.inv(part)
-            mi_f, n_f, cov_f = self._one_way(self.fixed, self.moving, part, self.fixed_body_n)
-            mi_m, n_m, cov_m = self._one_way(self.moving, self.fixed, inv, self.moving_body_n)
+            (mi_f, n_f, cov_f), (mi_m, n_m, cov_m) = parallel.both(
+                partial(self._one_way, self.fixed, self.moving, part, self.fixed_body_n),
+                partial(self._one_way, self.moving, self.fixed, inv, self.moving_body_n))
             mi = 0.5 * (np.where(n_f >= MIN_SAMPLES, mi_f, 0.0) + np.where(n_m >= MIN_SAMPLES, mi_m, 0.0))
             overlap = np.maximum(cov_f, cov_m)
             weight = np.minimum(1.0, overlap / self.min_overlap)
@@ -702,8 +705,8 @@ def _start_run(inputs: PrealignInputs) -> tuple[_Run, float]:
 def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int, run: _Run) -> tuple[Scorer, Scorer]:
     """Coarse and fine levels of both images, as the coarse and the fine scorer."""
     options, bins = run.options, int(run.options["histogram_bins"])
-    levels = {}
-    for name, image, level_seed in (("fixed", fixed_image, seed), ("moving", moving_image, seed + 1)):
+
+    def levels(image: sitk.Image, level_seed: int) -> tuple[Level, Level]:
         # the coarse level first (its body mask is cheap), then the fine level reusing that mask
         fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"],
                                                           image.GetSize()))
@@ -711,8 +714,10 @@ def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int
                             options["rim_mm"], level_seed)
         fine = make_level(fine_image, options["fine_spacing_mm"], bins, int(options["max_points_fine"]),
                           options["rim_mm"], level_seed, coarse)
-        levels[name] = (fine, coarse)
-    (fixed_fine, fixed_coarse), (moving_fine, moving_coarse) = levels["fixed"], levels["moving"]
+        return fine, coarse
+
+    (fixed_fine, fixed_coarse), (moving_fine, moving_coarse) = parallel.both(
+        lambda: levels(fixed_image, seed), lambda: levels(moving_image, seed + 1))
     for name, level in (("fixed", fixed_coarse), ("moving", moving_coarse)):
         if not level.has_body:
             run.warnings.append(f"search: no object found in the {name} image by thresholding; scored all voxels")
@@ -798,10 +803,11 @@ def _polish_on_final_level(best: Candidate, fixed_image: sitk.Image, moving_imag
     """Step 4: the winner polished on a finer level (more bins and samples)."""
     options = run.options
     final_bins = int(options["final_histogram_bins"])
-    fixed_final = make_level(fixed_image, options["final_spacing_mm"], final_bins,
-                             int(options["max_points_final"]), options["rim_mm"], seed, coarse.fixed)
-    moving_final = make_level(moving_image, options["final_spacing_mm"], final_bins,
-                              int(options["max_points_final"]), options["rim_mm"], seed + 1, coarse.moving)
+    fixed_final, moving_final = parallel.both(
+        lambda: make_level(fixed_image, options["final_spacing_mm"], final_bins, int(options["max_points_final"]),
+                           options["rim_mm"], seed, coarse.fixed),
+        lambda: make_level(moving_image, options["final_spacing_mm"], final_bins, int(options["max_points_final"]),
+                           options["rim_mm"], seed + 1, coarse.moving))
     final_scorer = Scorer(fixed_final, moving_final, final_bins, options["min_overlap_fraction"], run.budget)
     matrix, out = run.refine(best.matrix, final_scorer, "final", run.deadline_or_soon())
     return Candidate(matrix, best.source, "final", out["score"], out["mi"], out["overlap"])

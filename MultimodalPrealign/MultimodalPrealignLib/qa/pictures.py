@@ -389,5 +389,5 @@ def _image_panels(kinds: Sequence[str], grid: DisplayGrid, fixed01: list[np.ndar
 
 def _save_png(image: Image.Image, path: Path) -> None:
     temporary = path.with_name(path.name + ".part")
-    image.save(temporary, format="PNG", compress_level=6)
+    image.save(temporary, format="PNG", compress_level=1)
     os.replace(temporary, path)
