@@ -114,11 +114,12 @@ def test_register_files_writes_the_kept_transforms_resampled_moving(tmp_path):
     from MultimodalPrealignLib import pipeline
 
     pair = phantoms.make_pair(seed=1, labels=False, rotation_deg=6.0, translation_mm=8.0,
-                              fixed_spacing=(4.0, 4.0, 4.0), moving_spacing=(4.0, 4.0, 5.0))
+                              fixed_spacing=(5.0, 5.0, 5.0), moving_spacing=(5.0, 5.0, 6.0))
     sitk.WriteImage(pair.fixed, str(tmp_path / "f.nrrd"))
     sitk.WriteImage(pair.moving, str(tmp_path / "m.nrrd"))
     result = pipeline.register_files(tmp_path / "f.nrrd", tmp_path / "m.nrrd", tmp_path / "out",
-                                     pipeline.PipelineOptions.create(no_report=True))
+                                     pipeline.PipelineOptions.create(no_report=True, prealign="geometry",
+                                                                     stages=("rigid",)))
     written = sitk.ReadImage(str(tmp_path / "out" / "moving_resampled.nrrd"))
     kept = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written),
@@ -170,11 +171,12 @@ def _search_and_metrics(monkeypatch, threads: str):
 
     monkeypatch.setenv("MULTIMODAL_PREALIGN_THREADS", threads)
     pair = phantoms.make_pair(seed=3, labels=False, rotation_deg=20.0, translation_mm=40.0,
-                              fixed_spacing=(4.0, 4.0, 4.0), moving_spacing=(4.0, 4.0, 5.0))
-    found = search.prealign(prealign.PrealignInputs(fixed=pair.fixed, moving=pair.moving, seed=0))
+                              fixed_spacing=(6.0, 6.0, 6.0), moving_spacing=(6.0, 6.0, 7.0))
+    found = search.prealign(prealign.PrealignInputs(fixed=pair.fixed, moving=pair.moving, seed=0,
+                                                    options={"rotation_grid_size": 24}))
     plan = crop.plan_crop(pair.fixed, pair.moving, found.transform)
     fixed_work, moving_work = crop.apply_crop(pair.fixed, pair.moving, plan)
-    metrics = measure.evaluate(pair.fixed, pair.moving, sitk.Transform(), found.transform, working_spacing_mm=4.0,
+    metrics = measure.evaluate(pair.fixed, pair.moving, sitk.Transform(), found.transform, working_spacing_mm=6.0,
                                probe_spacing_mm=8.0)
     metrics.pop("seconds")
     metrics["probes"]["wide"].pop("seconds")

@@ -56,7 +56,10 @@ STATE_WORDS = {"header": "as the headers place the images", "before": "after pre
 TIMING_LABELS = {
     "load": "reading the inputs", "diagnose": "diagnostics", "prealign": "pre-alignment", "qa_setup": "QA setup",
     "crop": "crop and working grids", "register": "registration", "metrics": "metrics and verdict",
-    "report": "pictures and report.html", "write": "writing the outputs", "total": "total (the run)",
+    "report": "pictures and report.html",
+    "write_resampled": "moving_resampled.nrrd: resampling and writing (a second thread, from the registration on)",
+    "write_resampled_wait": "waiting for moving_resampled.nrrd", "write": "writing the outputs",
+    "total": "total (the run)",
     "total_with_io": "total with reading and writing",
 }
 
