@@ -175,3 +175,53 @@ def test_per_structure_bad_input_is_one_line_and_writes_nothing(pair, tmp_path, 
         assert code == 2, err
         assert len(err.splitlines()) == 1 and "Fix:" in err and needle in err, err
         assert not out.exists()
+
+
+def _disc_pair(bump: bool):
+    """A flattened ellipsoid of revolution (semi-axes 14, 14, 5 mm; turns about its thin axis change nothing) in a
+    CT-like fixed image (0.5 mm) and an MR-like moving image (0.45 mm, other contrast), the same physical place
+    (truth: identity). ``bump``: a knob on its rim breaks the symmetry."""
+    images, bodies = [], []
+    # the two grids do not line up (0.5 mm and 0.45 mm, origins 0.13 mm apart): no pose is favoured by the grids
+    for size, spacing, shift, inside, outside, texture in ((90, 0.5, 0.0, 1200.0, 0.0, 300.0),
+                                                          (100, 0.45, 0.13, 150.0, 600.0, -80.0)):
+        z, y, x = (np.indices((size,) * 3) - (size - 1) / 2.0) * spacing + shift
+        body = (x / 14.0) ** 2 + (y / 14.0) ** 2 + (z / 5.0) ** 2 <= 1.0
+        if bump:
+            body |= (x - 13.0) ** 2 + y ** 2 + z ** 2 <= 4.0 ** 2
+        array = np.where(body, inside + texture * np.cos(np.sqrt(x ** 2 + y ** 2) / 3.0), outside)
+        image = sitk.GetImageFromArray(array.astype(np.float32))
+        image.SetSpacing((spacing,) * 3)
+        image.SetOrigin((-(size - 1) / 2.0 * spacing + shift,) * 3)
+        images.append(sitk.SmoothingRecursiveGaussian(image, 0.5))
+        bodies.append(body)
+    labels = sitk.GetImageFromArray(bodies[0].astype(np.uint8))
+    labels.CopyInformation(images[0])
+    return images[0], images[1], structures.from_label_image(labels, table={1: "disc"})
+
+
+@pytest.mark.parametrize("bump", [False, True])
+def test_a_structure_the_metric_does_not_pin_down_is_not_pass(bump):
+    """Started 12 degrees off about the disc's thin axis and 1.5 mm off (about 2 mm mean error): the symmetric disc
+    cannot be turned back (every turn about that axis scores about the same), its small probes see nothing, and
+    before the consistency check it was PASS; re-registrations from turned starts end as far apart: WARN. With a
+    knob that breaks the symmetry the turn is found again: PASS."""
+    fixed, moving, labels = _disc_pair(bump)
+    turn = rigid_transform(rotation_about_axis([0.0, 0.0, 1.0], 12.0), [1.0, -1.0, 0.5], [0.0, 0.0, 0.0])
+    settings = structures.StructureSettings()
+    settings.registration.seed = 1
+    results, _ = structures.run(fixed, moving, turn, labels, "disc", settings)
+    result = results[0]
+    points = result.points
+    start_error = transforms.mean_point_error(turn, transforms.identity(), points)
+    end_error = transforms.mean_point_error(result.transform, transforms.identity(), points)
+    assert start_error > 1.2
+    consistency = result.metrics.get("consistency") or {}
+    if bump:
+        assert end_error < 0.3, end_error
+        assert consistency["disagreement_mm"] < 0.5 and result.verdict == "PASS", (result.reasons, consistency)
+    else:
+        assert end_error > 1.0, end_error  # the metric cannot see the turn
+        assert result.metrics["probes"]["best_gain"] <= 0.01  # the small probes do not see it either
+        assert result.verdict == "WARN" and "does not pin it down" in result.reasons[0], result.reasons
+        assert consistency["disagreement_mm"] > 0.5

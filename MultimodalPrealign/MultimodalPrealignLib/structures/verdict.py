@@ -7,8 +7,10 @@ Thresholds: ``resources/structure_thresholds.json`` (docs/per_structure.md). The
   ``fail_centroid_mm`` after registration;
 * WARN: the registration lowered the masked mutual information, so the global transform was kept; the structure's
   mask holds fewer than ``warn_mask_voxels`` voxels (its MI is uncertain); a small shift or
-  turn of the result scores higher (not at the optimum); the structure lies partly outside the moving image; a
-  large motion relative to the global transform, or a move of more than ``motion_needs_gain_mm`` for a negligible
+  turn of the result scores higher (not at the optimum); re-registrations from the result turned about its
+  flattest principal axis end elsewhere with as high a masked MI (``consistency_*``: not pinned down); the
+  structure lies partly outside the moving image; a large motion relative to the global transform, or a move
+  of more than ``motion_needs_gain_mm`` for a negligible
   MI gain; Dice / centroid distance between the warn and fail limits;
 * PASS otherwise: the structure's own registration is at a local optimum of the masked MI, no worse than the global
   transform, consistent with the moving labels when there are some.
@@ -46,6 +48,13 @@ def judge(record: dict, limits: dict | None = None) -> tuple[str, list[str]]:
     if probes.get("best_gain") is not None and probes["best_gain"] > t["probe_tolerance"]:
         checks.append((WARN, f"a small change of the result ({probes['best']}) raises the masked mutual information by "
                              f"{probes['best_gain']:.3f} nats: the registration may have stopped short of the optimum"))
+    consistency = metrics.get("consistency") or {}
+    if consistency.get("disagreement_mm") is not None and \
+            consistency["disagreement_mm"] > t["consistency_max_disagreement_mm"]:
+        checks.append((WARN, f"re-registered from turns of {consistency['turn_deg']:.0f} degrees about its flattest "
+                             f"axis, poses up to {consistency['disagreement_mm']:.2f} mm (mean displacement) from the "
+                             "result score within tolerance of the best masked mutual information: the metric does not "
+                             "pin it down; check the pictures"))
     voxels = (record.get("crop") or {}).get("mask_voxels")
     if voxels is not None and voxels < t["warn_mask_voxels"]:
         checks.append((WARN, f"a small region ({voxels} voxels in its mask at the working spacing): the masked "
