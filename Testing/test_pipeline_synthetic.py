@@ -122,10 +122,18 @@ def test_moments_prealignment_uses_foreground_not_raw_ct_values():
     assert np.linalg.norm(found - true_offset) < 5.0
 
 
-def test_fail_verdict_triggers_fallback_to_the_other_engine_and_is_reported():
+def test_fail_verdict_triggers_fallback_to_the_other_engine_and_is_reported(tmp_path):
+    from MultimodalPrealignLib.pipeline import register_files, resample_moving
+
     pair = _pair(6, rotation_deg=0.0, translation_mm=0.0, flip=True)
-    options = PipelineOptions.create(prealign="geometry", stages=("rigid",), iterations=50)
-    result = run_pipeline(pair.fixed, pair.moving, options)
+    sitk.WriteImage(pair.fixed, str(tmp_path / "fixed.nrrd"))
+    sitk.WriteImage(pair.moving, str(tmp_path / "moving.nrrd"))
+    options = PipelineOptions.create(prealign="geometry", stages=("rigid",), iterations=50, no_report=True)
+    result = register_files(tmp_path / "fixed.nrrd", tmp_path / "moving.nrrd", tmp_path / "out", options)
+    # the image resampled ahead for the failed first attempt is not the one written: the kept transform's is
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "moving_resampled.nrrd")))
+    kept = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
+    np.testing.assert_array_equal(written, sitk.GetArrayFromImage(resample_moving(pair.fixed, pair.moving, kept)))
     fallback = result.report["fallback"]
     assert fallback["used"] is True
     assert [a["engine"] for a in fallback["attempts"]][:2] == ["itk", "elastix"]

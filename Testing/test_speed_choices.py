@@ -97,15 +97,25 @@ def test_resampled_moving_made_ahead_is_used_only_for_the_transform_it_was_made_
     other = transforms.affine_from_matrix(transforms.to_matrix(first) @ np.array(
         [[1, 0, 0, 12.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
     ahead = outputs.ResampleAhead(pair.fixed, pair.moving)
-    ahead.start(first)
-    ahead.start(other)  # a fallback's result: ignored, made at write time
     try:
-        for kept, name in ((other, "other.nrrd"), (first, "first.nrrd")):
+        ahead.start(first)
+        assert ahead.take(other) is None  # made for another transform
+        made = ahead.take(first)
+        expected = outputs.resample_moving(pair.fixed, pair.moving, first)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(made[0]), sitk.GetArrayFromImage(expected))
+        assert made[1] > 0.0 and ahead.take(first) is None  # handed over once
+    finally:
+        ahead.close()
+    ahead = outputs.ResampleAhead(pair.fixed, pair.moving)
+    try:
+        ahead.start(first)
+        ahead.start(other)  # a fallback attempt: the first image is dropped; nothing is made for the fallback
+        assert ahead.take(first) is None and ahead.take(other) is None
+        for kept, name in ((other, "other.nrrd"), (first, "first.nrrd")):  # made at write time
             outputs.write_resampled(pair.fixed, pair.moving, kept, tmp_path / name, ahead=ahead)
             expected = outputs.resample_moving(pair.fixed, pair.moving, kept)
             np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))),
                                           sitk.GetArrayFromImage(expected))
-        assert ahead.take(first) is None  # handed over once
     finally:
         ahead.close()
 

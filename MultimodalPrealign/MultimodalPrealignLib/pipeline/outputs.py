@@ -89,8 +89,9 @@ class ResampleAhead:
 
     :meth:`start` (called once, by the first attempt as soon as its transform is registered and guarded) resamples
     on a worker thread while the QA metrics run; :meth:`take` hands the image to :func:`write_outputs` when the run
-    kept that very transform (no fallback), else None (the image is made again for the transform kept). Later
-    :meth:`start` calls are ignored: a fallback's transform is resampled at write time, as before.
+    kept that very transform (no fallback), else None (the image is made again for the transform kept). A later
+    :meth:`start` (a fallback attempt) drops the image, so a fallback does not run with it in memory; the kept
+    transform is then resampled at write time, as before.
     """
 
     def __init__(self, fixed: sitk.Image, moving: sitk.Image):
@@ -100,7 +101,8 @@ class ResampleAhead:
         self._transform: sitk.Transform | None = None
 
     def start(self, fixed_to_moving: sitk.Transform) -> None:
-        if self._transform is not None:
+        if self._transform is not None:  # a fallback attempt: the first result's image is not needed
+            self._future = None
             return
         self._transform = fixed_to_moving
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-resample-ahead")
