@@ -130,6 +130,17 @@ def inverse_or_none(transform: sitk.Transform) -> sitk.Transform | None:
     return None
 
 
+def rotation_vector_matrix(rotvec_rad: np.ndarray) -> np.ndarray:
+    """Rodrigues: the 3x3 rotation by |v| radians about v (right-handed)."""
+    v = np.asarray(rotvec_rad, float)
+    angle = float(np.linalg.norm(v))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = v / angle
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * kx + (1 - math.cos(angle)) * kx @ kx
+
+
 def rotation_angle_deg(matrix: np.ndarray) -> float:
     """Rotation angle (degrees) of the orthogonal part of a 3x3 or 4x4 matrix."""
     m = np.asarray(matrix, dtype=float)[:3, :3]

@@ -48,6 +48,7 @@ from .. import parallel
 from ..errors import InputError
 from ..geometry import image_space, transforms
 from ..geometry.masks import foreground_mask, padding_value
+from ..geometry.transforms import rotation_vector_matrix
 from ..io.image_io import as_float32
 from ..progress import Progress
 from ..resource_files import load_settings
@@ -410,17 +411,6 @@ def _quaternion_matrix(q: np.ndarray) -> np.ndarray:
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
     ])
-
-
-def rotation_vector_matrix(rotvec_rad: np.ndarray) -> np.ndarray:
-    """Rodrigues: rotation by |v| radians about v."""
-    v = np.asarray(rotvec_rad, float)
-    angle = float(np.linalg.norm(v))
-    if angle < 1e-12:
-        return np.eye(3)
-    k = v / angle
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(angle) * kx + (1 - math.cos(angle)) * kx @ kx
 
 
 def principal_axes_rotations(fixed: Level, moving: Level) -> list[np.ndarray]:

@@ -25,23 +25,18 @@ import SimpleITK as sitk
 from ..geometry import transforms
 
 
-def principal_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centroid, 3 x 3 matrix whose columns are the principal axes of ``points``, smallest spread first)."""
+def principal_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroid, 3 x 3 matrix whose columns are the principal axes of ``points``, smallest spread first, and the
+    spreads: standard deviations along them, mm)."""
     centre = points.mean(0)
-    _, vectors = np.linalg.eigh(np.cov((points - centre).T))
-    return centre, vectors
+    variances, vectors = np.linalg.eigh(np.cov((points - centre).T))
+    return centre, vectors, np.sqrt(np.maximum(variances, 0.0))
 
 
 def turn_about(centre, axes: np.ndarray, rotation_deg, shift_mm) -> sitk.Euler3DTransform:
     """Fixed->fixed: a turn given as a rotation vector in the ``axes`` frame (degrees) about ``centre``, then a
     shift along ``axes`` (mm)."""
-    vector = axes @ np.radians(np.asarray(rotation_deg, float))
-    angle = float(np.linalg.norm(vector))
-    matrix = np.eye(3)
-    if angle > 0:
-        axis = vector / angle
-        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-        matrix = np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
+    matrix = transforms.rotation_vector_matrix(axes @ np.radians(np.asarray(rotation_deg, float)))
     turn = sitk.Euler3DTransform()
     turn.SetCenter([float(v) for v in centre])
     turn.SetMatrix(matrix.ravel().tolist(), 1e-6)
@@ -74,11 +69,6 @@ def climb(score, start: sitk.Transform, centre, axes, step: float, min_step: flo
     return at(rotation, shift), count
 
 
-def mean_displacement(a: sitk.Transform, b: sitk.Transform, points: np.ndarray) -> float:
-    return float(np.linalg.norm(transforms.transform_points(a, points) - transforms.transform_points(b, points),
-                                axis=1).mean())
-
-
 def check(metrics: list, result: sitk.Transform, points: np.ndarray, limits: dict) -> tuple[sitk.Transform, dict]:
     """(the structure's transform: ``result``, or the end that raises the first metric by more than
     ``consistency_switch_gain`` (a share of its value) over the result; the record for report.json and the verdict).
@@ -89,8 +79,7 @@ def check(metrics: list, result: sitk.Transform, points: np.ndarray, limits: dic
     of the structure's ``points`` (fixed LPS mm) between the chosen pose and any pose (result or end) whose MI is
     within ``consistency_mi_tolerance`` (a share) of the best of its metric."""
     started = time.perf_counter()
-    centre, axes = principal_axes(points)
-    spreads = np.sqrt(np.maximum(np.linalg.eigvalsh(np.cov((points - centre).T)), 0.0))
+    centre, axes, spreads = principal_axes(points)
     turn = float(limits["consistency_turn_deg"])
     step, min_step = float(limits["consistency_step"]), float(limits["consistency_min_step"])
     share = float(limits["consistency_mi_tolerance"])
@@ -132,7 +121,7 @@ def check(metrics: list, result: sitk.Transform, points: np.ndarray, limits: dic
     for entry in per_metric:
         floor = entry["best"]["mi"] - share * abs(entry["best"]["mi"])
         for r in entry["rows"]:
-            r["displacement_mm"] = mean_displacement(r["transform"], chosen, points)
+            r["displacement_mm"] = transforms.mean_point_error(r["transform"], chosen, points)
             r["rival"] = bool(r["mi"] >= floor)
             if r["rival"]:
                 disagreement = max(disagreement, r["displacement_mm"])

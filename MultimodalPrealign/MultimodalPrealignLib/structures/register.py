@@ -159,6 +159,12 @@ class MaskedMI:
         self.points = index_to_physical_points(fixed_work, zyx[:, ::-1].astype(float))
         self.moving = sitk.GetArrayFromImage(moving_work)
         self.moving_image = moving_work
+        # for the lookup of _moving_values: physical -> moving index, the flat image, the points per axis
+        a, origin = index_to_physical_matrix(moving_work)
+        inverse = np.linalg.inv(a)
+        self._to_index = (inverse, -inverse @ origin)
+        self._flat = self.moving.ravel()
+        self._points_by_axis = [np.ascontiguousarray(self.points[:, k]) for k in range(3)]
         self.bins = int(bins)
         self.f_range = self._range(self.fixed_values)
         reference_values = self._moving_values(reference)
@@ -182,12 +188,6 @@ class MaskedMI:
         # physical -> moving index folded into the transform, then a vectorised trilinear lookup (same values as
         # map_coordinates, in 1/3 to 2/3 of its time here; the local search and the consistency climbs call this
         # thousands of times)
-        if not hasattr(self, "_to_index"):
-            a, origin = index_to_physical_matrix(self.moving_image)
-            inverse = np.linalg.inv(a)
-            self._to_index = (inverse, -inverse @ origin)
-            self._flat = self.moving.ravel()
-            self._points_by_axis = [np.ascontiguousarray(self.points[:, k]) for k in range(3)]
         inverse, offset = self._to_index
         matrix = transforms.to_matrix(transform)
         linear, shift = inverse @ matrix[:3, :3], inverse @ matrix[:3, 3] + offset
@@ -433,15 +433,11 @@ def structure_mask(labels: sitk.Image, values: list[int], reference: sitk.Image,
     """(mask array on ``reference``'s grid: the structure dilated by ``dilation_mm``, the structure's labels there
     as a UInt16 image (nearest neighbour))."""
     on_grid = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
-    inside = np.isin(sitk.GetArrayViewFromImage(on_grid), values)
-    if dilation_mm > 0 and inside.any():
-        distance = ndimage.distance_transform_edt(~inside, sampling=reference.GetSpacing()[::-1])
-        inside = distance <= dilation_mm
-    return inside, on_grid
+    return dilated_structure(on_grid, values, dilation_mm), on_grid
 
 
-def _tight_mask(labels_work: sitk.Image, values: list[int], dilation_mm: float) -> np.ndarray:
-    """The structure on its working grid (``labels_work``: the label map there) dilated by ``dilation_mm``."""
+def dilated_structure(labels_work: sitk.Image, values: list[int], dilation_mm: float) -> np.ndarray:
+    """Mask array: the structure (``values``) of a label map on its working grid, dilated by ``dilation_mm``."""
     inside = np.isin(sitk.GetArrayViewFromImage(labels_work), values)
     if dilation_mm > 0 and inside.any():
         inside = ndimage.distance_transform_edt(~inside, sampling=labels_work.GetSpacing()[::-1]) <= dilation_mm
@@ -538,13 +534,16 @@ def _register_one(fixed, moving, global_transform, fixed_labels: StructureLabels
     consistency_record = {}
     if limits.get("consistency", True) and accepted and mi_result is not None:  # kept global: WARN anyway
         progress.report("structures", 0.9, f"{name}: re-registration from turned starts (consistency)")
-        tight = _tight_mask(labels_work, values, float(limits["consistency_mask_dilation_mm"])) & mask
-        metrics = []
-        for label, voxels in ((f"structure dilated by {limits['consistency_mask_dilation_mm']} mm", tight),
-                              ("metric mask", mask)):
-            metrics.append((label, *(MaskedMI(fixed_work, moving_work, voxels, global_transform, int(limits[key]),
-                                              int(limits["mi_bins"]))
-                                     for key in ("mi_samples", "consistency_samples"))))
+        tight = dilated_structure(labels_work, values, float(limits["consistency_mask_dilation_mm"])) & mask
+
+        def masked_mi(voxels: np.ndarray, samples_key: str) -> MaskedMI:
+            return MaskedMI(fixed_work, moving_work, voxels, global_transform, int(limits[samples_key]),
+                            int(limits["mi_bins"]))
+
+        # (name, measure, climbing measure); the metric mask's measure is the guard's ``measure`` itself
+        metrics = [(f"structure dilated by {limits['consistency_mask_dilation_mm']} mm",
+                    masked_mi(tight, "mi_samples"), masked_mi(tight, "consistency_samples")),
+                   ("metric mask", measure, masked_mi(mask, "consistency_samples"))]
         result.transform, consistency_record = consistency.check(metrics, result.transform, points, limits)
         if consistency_record.get("switched"):
             mi_result = measure(result.transform)[0]
