@@ -64,6 +64,9 @@ def test_each_bone_is_registered_on_its_own(pair, start, registered):
     for bone in recovered:
         assert by_name[bone].motion["mean_displacement_mm"] > 2.0  # it moved away from the global transform
     assert block["summary"]["registered"] == 3 and block["summary"]["failed"] == 2
+    # the resource values behind the search, the consistency check and the verdicts are recorded with the results
+    assert block["thresholds"] == structures.verdict.thresholds() and block["thresholds"]["consistency_turn_deg"] == 8.0
+    assert "consistency" in {e["name"]: e for e in block["results"]}["patella"]["metrics"]
     entry = {e["name"]: e for e in block["results"]}["femur"]
     assert entry["transform"]["convention"] == "fixed->moving, physical LPS mm"
     assert set(entry["motion_relative_to_global"]) >= {"rotation_deg", "mean_displacement_mm",

@@ -26,6 +26,7 @@ from ..geometry.resample import grid_for_box, make_reference
 from ..io import image_io
 from .labels import StructureLabels, parse_names
 from .register import StructureResult
+from .verdict import thresholds as structure_thresholds
 
 FOLDER = "structures"
 #: The per-structure resampled moving image is never larger than this (voxels).
@@ -109,6 +110,8 @@ def report_block(results: list[StructureResult], fixed_labels: StructureLabels, 
         "convention": "each structure's transform maps FIXED physical points to MOVING physical points (LPS mm), "
                       "the global transform included; apply it to the moving volume to align that structure",
         "settings": settings_dict,
+        # the local search's, the consistency check's and the verdict's values (resources/structure_thresholds.json)
+        "thresholds": structure_thresholds(),
         "summary": {"structures": len(results), "registered": sum(r.transform is not None for r in results),
                     "failed": sum(r.transform is None for r in results), "verdicts": verdicts},
         "seconds": round(seconds, 3),
