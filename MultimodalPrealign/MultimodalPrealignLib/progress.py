@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -48,6 +49,53 @@ class Progress:
     def check_cancelled(self) -> None:
         if self.cancel_requested is not None and self.cancel_requested():
             raise Cancelled()
+
+    def relayed(self) -> tuple[Progress, Relay]:
+        """This Progress for work spread over threads (:func:`parallel.each`): its reports and cancel checks made on
+        other threads reach the callback and ``cancel_requested`` only through the thread calling this (a Slicer
+        progress bar and Cancel button live on the GUI thread), when it reports or calls ``Relay.flush``."""
+        relay = Relay(self.callback, self.cancel_requested)
+        child = Progress(relay.report, relay.cancel_requested)
+        child.started, child._root, child._window = self.started, self._root, self._window
+        return child, relay
+
+
+class Relay:
+    """Forwards progress reports and cancel checks made on worker threads through the thread that made it."""
+
+    def __init__(self, callback: ProgressCallback | None, cancel_requested: Callable[[], bool] | None):
+        self.callback, self._cancel_requested = callback, cancel_requested
+        self.owner = threading.current_thread()
+        self.lock = threading.Lock()
+        self.pending: list[tuple[str, float, str]] = []
+        self.shown = 0.0
+        self.cancelled = False
+
+    def report(self, stage: str, fraction: float, message: str) -> None:
+        with self.lock:
+            self.pending.append((stage, fraction, message))
+        if threading.current_thread() is self.owner:
+            self.flush()
+
+    def cancel_requested(self) -> bool:
+        """On the owner thread: asks the real check; elsewhere: what the owner saw last (or :meth:`stop`)."""
+        if threading.current_thread() is self.owner and not self.cancelled and self._cancel_requested is not None:
+            self.cancelled = bool(self._cancel_requested())
+        return self.cancelled
+
+    def flush(self) -> None:
+        """On the owner thread: show the pending reports (never a smaller fraction than one shown) and poll cancel."""
+        with self.lock:
+            items, self.pending = self.pending, []
+        for stage, fraction, message in items:
+            self.shown = max(self.shown, fraction)
+            if self.callback is not None:
+                self.callback(stage, self.shown, message)
+        self.cancel_requested()
+
+    def stop(self) -> None:
+        """Make every later cancel check on any thread return True (the owner's own work failed or was cancelled)."""
+        self.cancelled = True
 
 
 def text_progress(stream=None) -> ProgressCallback:

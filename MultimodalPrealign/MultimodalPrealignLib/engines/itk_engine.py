@@ -20,6 +20,7 @@ partial overlaps. Seeds and a single ITK thread make a run bit-for-bit repeatabl
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,13 +52,25 @@ def single_threaded(enabled: bool = True):
     the last digits (up to 1e-5 mm after an affine stage); one thread makes the same seed give the same
     transform, bit for bit.
     """
-    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    if enabled:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    if not enabled:
+        yield
+        return
+    with _SINGLE_LOCK:  # blocks on two threads at once (--per-structure): the first sets, the last restores
+        if _SINGLE["depth"] == 0:
+            _SINGLE["previous"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _SINGLE["depth"] += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+        with _SINGLE_LOCK:
+            _SINGLE["depth"] -= 1
+            if _SINGLE["depth"] == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_SINGLE["previous"])
+
+
+_SINGLE_LOCK = threading.Lock()
+_SINGLE = {"depth": 0, "previous": 1}
 
 
 def itk_seed(seed: int) -> int:

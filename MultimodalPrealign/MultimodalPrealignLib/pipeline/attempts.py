@@ -38,7 +38,8 @@ def plan_attempts(state: RunState) -> None:
     """``state.choices`` (label, fixed->moving initial transform) and ``state.attempt_plan`` (choice, engine).
 
     The chosen pre-alignment first; with ``options.fallback`` its distinct candidate poses, then the other
-    engine (not when the caller supplies the engine), at most :data:`fallback.MAX_ATTEMPTS` attempts.
+    engine (not when the caller supplies the engine, nor with ``options.per_structure``: the structures start from
+    the global result with their own searches), at most :data:`fallback.MAX_ATTEMPTS` attempts.
     """
     pre, options = state.prealignment, state.options
     state.choices = [(pre.method, pre.transform)]
@@ -51,11 +52,15 @@ def plan_attempts(state: RunState) -> None:
     engine_order = [options.registration.engine]
     if not state.custom_engine:
         engine_order += list(engines.fallback_engines(options.registration.engine))  # never brainsfit
-    state.attempt_plan = fallback.fallback_plan(state.choices, engine_order, fallback.MAX_ATTEMPTS)
+    left_out = {e: fallback.PER_STRUCTURE_SKIP for e in engine_order[1:]} if options.per_structure else None
+    state.attempt_plan = fallback.fallback_plan(state.choices, engine_order, fallback.MAX_ATTEMPTS, left_out)
 
 
 #: The run's progress window of the attempts stage (after the pre-alignment, before the report).
 ATTEMPTS_WINDOW = (0.35, 0.93)
+#: With ``--per-structure`` the structures take most of the run: the attempts' window, then the structures'.
+ATTEMPTS_WINDOW_PER_STRUCTURE = (0.35, 0.5)
+STRUCTURES_WINDOW = (0.5, 0.94)
 
 
 def attempt_windows(count: int) -> list[tuple[float, float]]:
@@ -73,7 +78,8 @@ def run_attempts(state: RunState) -> None:
     Each attempt reports progress inside its own window (monotonic over the run); a fallback attempt is
     announced with the reason the previous one failed.
     """
-    plan, stage_progress = state.attempt_plan, state.progress.span(*ATTEMPTS_WINDOW)
+    window = ATTEMPTS_WINDOW_PER_STRUCTURE if state.options.per_structure else ATTEMPTS_WINDOW
+    plan, stage_progress = state.attempt_plan, state.progress.span(*window)
     windows, done = attempt_windows(len(plan)), []
 
     def attempt(choice, engine):

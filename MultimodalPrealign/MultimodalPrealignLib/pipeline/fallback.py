@@ -29,25 +29,33 @@ class FallbackPlan(list):
     their package is not installed (elastix without itk-elastix)."""
 
     skipped: tuple = ()
+    #: {engine: (reason, fix or None)} for engines left out for another reason than a missing package.
+    skip_reasons: dict = {}
 
 
 #: Why a fallback engine was skipped, and the fix.
 NOT_INSTALLED = {"elastix": ("itk-elastix is not installed", ELASTIX_INSTALL)}
+#: With --per-structure a global FAIL is expected when the parts move apart (a knee bent differently): each structure
+#: then starts from the global result with its own local search, so the other engine's global attempt is not run.
+PER_STRUCTURE_SKIP = ("with --per-structure each structure is registered on its own from the global result; a global "
+                      "FAIL is expected when the parts move apart", "run without --per-structure to try it")
 
 
 def fallback_plan(prealign_candidates: Sequence[str], engines: Sequence[str],
-                  max_attempts: int = MAX_ATTEMPTS) -> FallbackPlan:
+                  max_attempts: int = MAX_ATTEMPTS, left_out: dict | None = None) -> FallbackPlan:
     """Order of (pre-alignment candidate, engine) attempts, at most ``max_attempts``; the first is the normal run.
 
     After the normal run: the next pre-alignment candidate with the same engine, then the first candidate with
     the other engine, then the remaining combinations (candidates in their ranking order). Fallback engines
-    (after the first) that are not installed are left out and listed in ``skipped``.
+    (after the first) that are not installed, or named in ``left_out`` ({engine: (reason, fix)}), are left out and
+    listed in ``skipped``.
     """
-    engines = list(engines)
-    skipped = tuple(e for e in engines[1:] if not engine_installed(e))
+    engines, left_out = list(engines), dict(left_out or {})
+    skipped = tuple(e for e in engines[1:] if e in left_out or not engine_installed(e))
     engines = engines[:1] + [e for e in engines[1:] if e not in skipped]
     plan = FallbackPlan(_ordered_plan(prealign_candidates, engines, max_attempts))
     plan.skipped = skipped
+    plan.skip_reasons = {e: left_out[e] for e in skipped if e in left_out}
     return plan
 
 
@@ -101,12 +109,14 @@ def attempt_score(report: dict) -> tuple:
             -float(distance) if distance is not None else 0.0, nmi)
 
 
-def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int, skipped: Sequence[str] = ()) -> dict:
+def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int, skipped: Sequence[str] = (),
+                    skip_reasons: dict | None = None) -> dict:
     """Store ``report["fallback"]``: every attempt's (prealign, engine, verdict, reasons) and the chosen one.
 
     ``attempts``: dicts with at least ``prealign``, ``engine`` and the attempt's ``verdict``/``verdict_reasons``.
     When more than one attempt ran, a WARN/FAIL reason says that the fallback was used. ``skipped``: fallback
-    engines not installed (:class:`FallbackPlan`); recorded, with a note, when the first attempt failed.
+    engines not installed or left out for ``skip_reasons`` ({engine: (reason, fix)}, :class:`FallbackPlan`);
+    recorded, with a note, when the first attempt failed.
     """
     rows = [{"prealign": a.get("prealign"), "engine": a.get("engine"), "verdict": a.get("verdict"),
              "reasons": list(a.get("verdict_reasons", []))} for a in attempts]
@@ -118,7 +128,8 @@ def record_fallback(final_report: dict, attempts: Sequence[dict], chosen: int, s
     if skipped and rows and rows[0].get("verdict") == FAIL:  # the fallback would have tried them
         final_report["fallback"]["skipped_engines"] = []
         for engine in skipped:
-            reason, fix = NOT_INSTALLED.get(engine, ("its package is not installed", None))
+            reason, fix = (skip_reasons or {}).get(engine) or NOT_INSTALLED.get(engine, ("its package is not "
+                                                                                        "installed", None))
             final_report["fallback"]["skipped_engines"].append({"engine": engine, "reason": reason, "fix": fix})
             why = f"{reason}; {fix}" if fix else reason
             final_report.setdefault("verdict_reasons", []).append(
@@ -147,5 +158,5 @@ def run_with_fallback(attempt, plan: Sequence[tuple], thresholds: dict | None = 
     attempts = [{"prealign": label, "engine": engine, "verdict": r["verdict"],
                  "verdict_reasons": r.get("verdict_reasons", [])} for r, _, label, engine in done]
     chosen = done[index][0]
-    record_fallback(chosen, attempts, index, getattr(plan, "skipped", ()))
+    record_fallback(chosen, attempts, index, getattr(plan, "skipped", ()), getattr(plan, "skip_reasons", {}))
     return chosen, done[index][1], index

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..geometry import image_space, resample, transforms
 from ..io import image_io, plausibility
 from ..qa import metrics, verdict
+from . import attempts
 from .options import PipelineResult
 from .state import QA_SPACING_MM, RunState
 
@@ -73,7 +74,7 @@ def register_structures(state: RunState) -> None:
     settings = structures.StructureSettings(registration=registration)
     state.structure_results, state.structures_report = structures.run(
         state.fixed_f, state.moving_f, state.chosen.result.transform, state.structure_labels, options.per_structure,
-        settings, state.moving_structure_labels, state.progress.span(0.93, 0.94),
+        settings, state.moving_structure_labels, state.progress.span(*attempts.STRUCTURES_WINDOW),
         None if state.custom_engine else state.register_fn)
     state.timings["structures"] = time.perf_counter() - started
 

@@ -39,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .. import crop, engines
+from .. import crop, engines, parallel
 from ..engines.settings import check_stages
 from ..errors import Cancelled, InputError, RegistrationError
 from ..geometry import transforms
@@ -167,6 +167,10 @@ class MaskedMI:
         self._points_by_axis = [np.ascontiguousarray(self.points[:, k]) for k in range(3)]
         self.bins = int(bins)
         self.f_range = self._range(self.fixed_values)
+        scale = self.bins / (self.f_range[1] - self.f_range[0])
+        # the fixed samples' histogram rows (bin * bins), the same for every transform
+        self._fixed_rows = np.clip(((self.fixed_values - self.f_range[0]) * scale).astype(np.int64), 0,
+                                   self.bins - 1) * self.bins
         reference_values = self._moving_values(reference)
         valid = np.isfinite(reference_values)
         self.m_range = self._range(reference_values[valid]) if valid.any() else (0.0, 1.0)
@@ -187,27 +191,38 @@ class MaskedMI:
                                            prefilter=False)
         # physical -> moving index folded into the transform, then a vectorised trilinear lookup (same values as
         # map_coordinates, in 1/3 to 2/3 of its time here; the local search and the consistency climbs call this
-        # thousands of times)
+        # thousands of times); one contiguous array per axis, in place: 3x faster than on (N, 3) arrays
         inverse, offset = self._to_index
         matrix = transforms.to_matrix(transform)
         linear, shift = inverse @ matrix[:3, :3], inverse @ matrix[:3, 3] + offset
-        p = self._points_by_axis
-        # three scaled sums, not a matrix product: BLAS threads on a busy machine made the product 10-30x slower
-        index = p[0][:, None] * linear[:, 0] + p[1][:, None] * linear[:, 1] + p[2][:, None] * linear[:, 2] + shift
+        p0, p1, p2 = self._points_by_axis
         nz, ny, nx = self.moving.shape
-        upper = np.array([nx - 1, ny - 1, nz - 1], float)
-        valid = np.all((index >= 0.0) & (index <= upper), axis=1)
-        base = np.minimum(np.floor(np.clip(index, 0.0, upper)), upper - 1).astype(np.int64)
-        w = index - base
+        valid = np.ones(p0.size, bool)
+        base, weight = [], []
+        for k, size in enumerate((nx, ny, nz)):
+            # three scaled sums, not a matrix product: BLAS threads on a busy machine made the product 10-30x slower
+            c = p0 * linear[k, 0]
+            c += p1 * linear[k, 1]
+            c += p2 * linear[k, 2]
+            c += shift[k]
+            upper = float(size - 1)
+            valid &= (c >= 0.0) & (c <= upper)
+            b = np.floor(np.clip(c, 0.0, upper))
+            np.minimum(b, upper - 1, out=b)
+            c -= b
+            base.append(b.astype(np.int64))
+            weight.append(c)
         flat = self._flat
-        start = (base[:, 2] * ny + base[:, 1]) * nx + base[:, 0]
+        start = (base[2] * ny + base[1]) * nx + base[0]
         np.clip(start, 0, flat.size - 1 - (ny * nx + nx + 1), out=start)
-        wx, wy, wz = w[:, 0], w[:, 1], w[:, 2]
-        c00 = flat[start] * (1 - wx) + flat[start + 1] * wx
-        c10 = flat[start + nx] * (1 - wx) + flat[start + nx + 1] * wx
-        c01 = flat[start + ny * nx] * (1 - wx) + flat[start + ny * nx + 1] * wx
-        c11 = flat[start + ny * nx + nx] * (1 - wx) + flat[start + ny * nx + nx + 1] * wx
-        values = (c00 * (1 - wy) + c10 * wy) * (1 - wz) + (c01 * (1 - wy) + c11 * wy) * wz
+        wx, wy, wz = weight
+        ux, uy = 1 - wx, 1 - wy
+        c00 = flat[start] * ux + flat[start + 1] * wx
+        c10 = flat[start + nx] * ux + flat[start + nx + 1] * wx
+        start += ny * nx
+        c01 = flat[start] * ux + flat[start + 1] * wx
+        c11 = flat[start + nx] * ux + flat[start + nx + 1] * wx
+        values = (c00 * uy + c10 * wy) * (1 - wz) + (c01 * uy + c11 * wy) * wz
         values[~valid] = np.nan
         return values
 
@@ -218,13 +233,13 @@ class MaskedMI:
         count = int(valid.sum())
         if count < 1000:
             return None, count
-        f, m = self.fixed_values[valid], m[valid]
+        rows = self._fixed_rows
+        if count < m.size:
+            rows, m = rows[valid], m[valid]
         bins = self.bins
-        fi = np.clip(((f - self.f_range[0]) * (bins / (self.f_range[1] - self.f_range[0]))).astype(np.int64), 0,
-                     bins - 1)
         mi = np.clip(((m - self.m_range[0]) * (bins / (self.m_range[1] - self.m_range[0]))).astype(np.int64), 0,
                      bins - 1)
-        p = np.bincount(fi * bins + mi, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+        p = np.bincount(rows + mi, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
         p /= p.sum()
         pf, pm = p.sum(1), p.sum(0)
         nz = p > 0
@@ -368,8 +383,16 @@ def register_structures(fixed: sitk.Image, moving: sitk.Image, global_fixed_to_m
     array = sitk.GetArrayViewFromImage(fixed_labels.image)
     objects = ndimage.find_objects(array)
     results = [StructureResult(name, [], error=text) for name, text in problems]
-    for number, (name, values) in enumerate(chosen):
-        span = progress.span(number / len(chosen), (number + 1) / len(chosen))
+    # the core's itk engine and BRAINSFit (a process per run): two structures at a time (each whole on one thread:
+    # the serial results); elastix (one library in the process, not known to be thread-safe) and a caller's engine
+    # (Slicer's CLI modules) run on the calling thread, one after the other
+    headless = register_fn in (None, engines.register) and crop_fn in (None, crop.apply_crop) and \
+        settings.registration.engine in ("itk", "brainsfit")
+    shown, relay = progress.relayed() if headless else (progress, None)
+
+    def one(job) -> StructureResult:
+        number, (name, values) = job
+        span = shown.span(number / len(chosen), (number + 1) / len(chosen))
         span.report("structures", 0.0, f"structure {number + 1} of {len(chosen)}: {name}")
         started = time.perf_counter()
         try:
@@ -382,7 +405,16 @@ def register_structures(fixed: sitk.Image, moving: sitk.Image, global_fixed_to_m
             result = StructureResult(name, list(values), error=err.one_line())
         result.timings["total"] = time.perf_counter() - started
         result.verdict, result.reasons = structure_verdict.judge(result.to_report())
-        results.append(result)
+        return result
+
+    jobs = list(enumerate(chosen))
+    if relay is None:
+        results += [one(job) for job in jobs]
+    else:
+        results += parallel.each(jobs, one, idle=relay.flush, on_error=relay.stop)
+        relay.flush()
+        if relay.cancelled:  # the worker's structure stopped for a cancel the calling thread saw
+            raise Cancelled()
     requested = list(parse_names(names))
     order = {name: i for i, name in enumerate(requested)}
     return sorted(results, key=lambda r: order.get(r.name, len(order)))
@@ -525,12 +557,23 @@ def _register_one(fixed, moving, global_transform, fixed_labels: StructureLabels
                        int(limits["mi_bins"]))
     mi_global, samples = measure(global_transform)
     mi_registered, _ = measure(engine_result.transform)
-    accepted = mi_global is None or mi_registered is None or mi_registered >= mi_global - 0.002
+    mi_search = measure(initial)[0] if initial is not global_transform else None
+    # the result: the registration's, unless it scores clearly below the global transform or the local search's pose
+    # (an engine that walks off a good start: BRAINSFit on a synthetic knee's patella ended 3.1 mm off); a search
+    # pose kept is refined by the consistency climbs below
+    tolerance = float(limits["guard_tolerance"])
+    known = [v for v in (mi_global, mi_search) if v is not None]
+    if mi_registered is None or not known or mi_registered >= max(known) - tolerance:
+        kept, mi_result = "registration", mi_registered
+    elif mi_search is not None and (mi_global is None or mi_search >= mi_global):
+        kept, mi_result = "search", mi_search
+    else:
+        kept, mi_result = "global", mi_global
     result.guard = {"measure": "dense MI inside the dilated structure, same voxels for both",
-                    "mi_global": _round(mi_global), "mi_registered": _round(mi_registered), "samples": samples,
-                    "accepted": bool(accepted)}
-    result.transform = engine_result.transform if accepted else global_transform
-    mi_result = mi_registered if accepted else mi_global
+                    "mi_global": _round(mi_global), "mi_search": _round(mi_search),
+                    "mi_registered": _round(mi_registered), "samples": samples, "kept": kept}
+    result.transform = {"registration": engine_result.transform, "search": initial, "global": global_transform}[kept]
+    accepted = kept != "global"
     consistency_record = {}
     if limits.get("consistency", True) and accepted and mi_result is not None:  # kept global: WARN anyway
         progress.report("structures", 0.9, f"{name}: re-registration from turned starts (consistency)")
@@ -544,7 +587,9 @@ def _register_one(fixed, moving, global_transform, fixed_labels: StructureLabels
         metrics = [(f"structure dilated by {limits['consistency_mask_dilation_mm']} mm",
                     masked_mi(tight, "mi_samples"), masked_mi(tight, "consistency_samples")),
                    ("metric mask", measure, masked_mi(mask, "consistency_samples"))]
-        result.transform, consistency_record = consistency.check(metrics, result.transform, points, limits)
+        others = (("the local search's pose", initial),) if initial is not global_transform and kept != "search" else ()
+        result.transform, consistency_record = consistency.check(metrics, result.transform, points, limits, others,
+                                                                   progress.check_cancelled)
         if consistency_record.get("switched"):
             mi_result = measure(result.transform)[0]
     result.timings["consistency"] = consistency_record.get("seconds", 0.0)

@@ -41,9 +41,13 @@ def judge(record: dict, limits: dict | None = None) -> tuple[str, list[str]]:
     checks: list[tuple[str, str]] = []
     metrics = record.get("metrics") or {}
     guard = record.get("guard") or {}
-    if guard and not guard.get("accepted", True):
+    if guard.get("kept") == "global":
         checks.append((WARN, f"its registration lowered the masked mutual information ({guard['mi_global']:.4f} -> "
                              f"{guard['mi_registered']:.4f} nats): the global transform was kept"))
+    elif guard.get("kept") == "search":
+        checks.append((WARN, f"its registration lowered the masked mutual information from where the local search "
+                             f"started it ({guard['mi_search']:.4f} -> {guard['mi_registered']:.4f} nats): the "
+                             "search's pose was kept and refined; check the pictures"))
     probes = metrics.get("probes") or {}
     if probes.get("best_gain") is not None and probes["best_gain"] > t["probe_tolerance"]:
         checks.append((WARN, f"a small change of the result ({probes['best']}) raises the masked mutual information by "
