@@ -96,6 +96,10 @@ def test_consistency_climbs_from_the_search_pose_find_the_better_optimum():
     assert record["switched"] and transforms.mean_point_error(found, transforms.identity(), points) < 0.1
     ends = record["metrics"][0]["ends"]
     assert ends[-1]["start"] == "the local search's pose" and ends[-1]["mi"] == pytest.approx(0.4, abs=5e-3)
+    assert record["switched_from"] == "the local search's pose" and record["switched_mm"] > 2.5
+    # the engine's result was 3 mm from the pose kept: not PASS, whatever the other checks say
+    verdict, reasons = structures.verdict.judge({"metrics": {"consistency": record}})
+    assert verdict == "WARN" and "missed the optimum" in reasons[0], reasons
     # from the better peak, a search pose near a slightly lower peak (within the 1% tolerance, 3 mm away) ends there:
     # it stopped short of the chosen pose's optimum, it is not a rival that would make the verdict WARN
     measure, _ = _two_peaks(points, low_peak=0.398)

@@ -152,6 +152,10 @@ def _structure_rows(results, case, back, label_to_bone=None) -> dict:
             entry["matrix"] = back(transforms.to_matrix(result.transform)).tolist()
             entry["error_mm"] = bone_errors(case, entry["matrix"])[bone]
             entry["motion"] = {k: result.motion.get(k) for k in ("rotation_deg", "mean_displacement_mm")}
+            check = (result.metrics or {}).get("consistency") or {}
+            entry["consistency"] = {k: check.get(k) for k in ("switched", "switched_mm", "switched_from",
+                                                              "disagreement_mm")}
+            entry["guard_kept"] = (result.guard or {}).get("kept")
         rows[bone] = entry
     return rows
 

@@ -141,7 +141,14 @@ def check(metrics: list, result: sitk.Transform, points: np.ndarray, limits: dic
             r["rival"] = bool(r["mi"] >= floor and higher)
             if r["rival"]:
                 disagreement = max(disagreement, r["displacement_mm"])
-    record = {"turn_deg": turn, "evaluations": evaluations, "switched": bool(switched),
+    switch = {}
+    if switched:  # how far the registration's own result was from the pose kept, and where that pose came from
+        switch = {"switched_mm": round(float(transforms.mean_point_error(result, chosen, points)), 3),
+                  "switched_from": first["best"].get("start") or f"the result turned by "
+                                                                   f"{first['best']['start_turn_deg']:+.0f} degrees",
+                  "switch_gain": round(float(first["best"]["mi"] / first["mi_result"] - 1.0), 4)
+                  if first["mi_result"] else None}
+    record = {"turn_deg": turn, "evaluations": evaluations, "switched": bool(switched), **switch,
               "disagreement_mm": round(float(disagreement), 3),
               "metrics": [{"metric": e["metric"], "axis": e["axis"], "axis_spread_mm": e["axis_spread_mm"],
                            "mi_result": round(float(e["mi_result"]), 5),

@@ -5,13 +5,14 @@ Thresholds: ``resources/structure_thresholds.json`` (docs/per_structure.md). The
 * FAIL: no transform (the structure was missing, too small, outside the moving field of view, or the engine
   failed); with moving labels of the same name, Dice below ``fail_dice`` or centroid distance above
   ``fail_centroid_mm`` after registration;
-* WARN: the registration lowered the masked mutual information, so the global transform was kept; the structure's
-  mask holds fewer than ``warn_mask_voxels`` voxels (its MI is uncertain); a small shift or
-  turn of the result scores higher (not at the optimum); re-registrations from the result turned about its
+* WARN: the registration lowered the masked mutual information, so the global transform (or the local search's
+  pose) was kept; the structure's mask holds fewer than ``warn_mask_voxels`` voxels (its MI is uncertain); a small
+  shift or turn of the result scores higher (not at the optimum); re-registrations from the result turned about its
   flattest principal axis end elsewhere with as high a masked MI (``consistency_*``: not pinned down); the
-  structure lies partly outside the moving image; a large motion relative to the global transform, or a move
-  of more than ``motion_needs_gain_mm`` for a negligible
-  MI gain; Dice / centroid distance between the warn and fail limits;
+  consistency check replaced the registration's result by a pose more than ``consistency_max_disagreement_mm`` away
+  (the registration missed the optimum); the structure lies partly outside the moving image; a large motion
+  relative to the global transform, or a move of more than ``motion_needs_gain_mm`` for a negligible MI gain; Dice /
+  centroid distance between the warn and fail limits;
 * PASS otherwise: the structure's own registration is at a local optimum of the masked MI, no worse than the global
   transform, consistent with the moving labels when there are some.
 
@@ -53,6 +54,13 @@ def judge(record: dict, limits: dict | None = None) -> tuple[str, list[str]]:
         checks.append((WARN, f"a small change of the result ({probes['best']}) raises the masked mutual information by "
                              f"{probes['best_gain']:.3f} nats: the registration may have stopped short of the optimum"))
     consistency = metrics.get("consistency") or {}
+    if consistency.get("switched") and (consistency.get("switched_mm") or 0.0) > t["consistency_max_disagreement_mm"]:
+        gain = consistency.get("switch_gain")
+        checks.append((WARN, f"its registration ended {consistency['switched_mm']:.2f} mm (mean displacement) from a "
+                             f"pose that scores higher ({'+' + format(gain * 100, '.1f') + '% ' if gain else ''}masked "
+                             f"mutual information, re-registered from {consistency.get('switched_from')}), which was "
+                             "kept: the registration missed the optimum, and a greedy re-registration does not prove "
+                             "the pose; check the pictures"))
     if consistency.get("disagreement_mm") is not None and \
             consistency["disagreement_mm"] > t["consistency_max_disagreement_mm"]:
         checks.append((WARN, f"re-registered from turns of {consistency['turn_deg']:.0f} degrees about its flattest "
