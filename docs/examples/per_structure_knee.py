@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(f"\nglobal verdict {report['verdict']}; wall {seconds:.1f} s "
           f"(structures {timings.get('structures', 0):.1f} s)")
     for b in BONES:
-        print(f"{b}: {entries[b]['verdict']}: {entries[b]['reasons'][0]}")
+        print(f"{b}: {entries[b]['verdict']}: {entries[b]['verdict_reasons'][0]}")
     if args.images:
         args.images.mkdir(parents=True, exist_ok=True)
         for name, source in PICTURES.items():
