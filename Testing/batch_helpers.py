@@ -1,7 +1,7 @@
 """Small synthetic cohorts for the batch tests and benchmarks/batch_scaling.py, and a throwaway Dask cluster.
 
-* ``make_cohort``: N synthetic CT/MR pairs (``synthetic.phantoms``, coarse voxels so a pair registers in about a
-  second) written as NRRD under ``folder/images/`` with a manifest ``folder/cohort.csv`` (relative paths).
+* ``make_cohort``: N synthetic CT/MR pairs (``synthetic.phantoms``, coarse voxels so a pair registers quickly)
+  written as NRRD under ``folder/images/`` with a manifest ``folder/cohort.csv`` (relative paths).
 * ``DaskCluster``: a real ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (free ports), each in
   its own process group so a test can kill one worker (nanny included); stopped at the end.
 """
@@ -21,7 +21,9 @@ import SimpleITK as sitk
 
 from MultimodalPrealignLib.synthetic import phantoms
 
-#: Coarse grids: a pair is registered, pictures included, in about a second (itk engine, rigid, 50 iterations).
+#: Coarse grids: a pair takes about 3 s of one core with FAST_OPTIONS (measured 2026-11-30: registration 0.2-0.8 s,
+#: the verdict's probes ~2 s, pictures 0.3-0.5 s). At seed 0, p04, p09, p12, p14 and p17 FAIL the itk attempt and fall
+#: back to elastix: a process's first elastix run loads ITK's wrapped modules, ~15 s of CPU.
 FIXED_SPACING_MM = (10.0, 10.0, 10.0)
 MOVING_SPACING_MM = (10.0, 10.0, 11.0)
 #: Options that keep a test pair fast (moments pre-alignment, rigid, 50 iterations).

@@ -29,6 +29,10 @@ from MultimodalPrealignLib.batch import executors, record
 
 CLI = [sys.executable, "-m", "MultimodalPrealignLib"]
 REPO = Path(__file__).resolve().parents[1]
+#: Pairs of this seed register with the itk engine at FAST_OPTIONS (PASS/WARN, measured for p01-p06). At seed 0, p04
+#: FAILs there and falls back to elastix, whose first use costs a worker ~15 s of loading ITK: not what these tests are
+#: about (a fallback inside Dask workers is in test_batch_summary's cohort).
+SEED = 80
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ def assert_complete(out: Path, pair_id: str) -> None:
 
 
 def test_a_cohort_on_a_running_cluster(cluster, client, tmp_path):
-    manifest = make_cohort(tmp_path / "cohort", 4)
+    manifest = make_cohort(tmp_path / "cohort", 4, seed=SEED)
     out = tmp_path / "out"
     code = cli.main(["batch", str(manifest), "--out", str(out), "--scheduler", cluster.address, "--quiet",
                      "--no-report", *FAST_OPTIONS])
@@ -98,9 +102,9 @@ def test_a_cohort_on_a_running_cluster(cluster, client, tmp_path):
 
 
 def test_ctrl_c_then_resume_runs_only_the_rest(cluster, client, tmp_path):
-    manifest = make_cohort(tmp_path / "cohort", 6)
+    manifest = make_cohort(tmp_path / "cohort", 6, seed=SEED)
     out = tmp_path / "out"
-    batch = start_batch(manifest, out, "--scheduler", cluster.address, *FAST_OPTIONS)  # with pictures: ~1 s a pair
+    batch = start_batch(manifest, out, "--scheduler", cluster.address, *FAST_OPTIONS)  # with pictures: ~3 s a pair
     wait_for(lambda: len(finished_pairs(out)) >= 2, what="two finished pairs")
     batch.send_signal(signal.SIGINT)
     _, err = batch.communicate(timeout=60)

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_qa_report_on_cli_output(tmp_path):
-    pair = phantoms.make_pair(seed=3, rotation_deg=10, translation_mm=20, fixed_spacing=(4.0, 4.0, 4.0),
-                              moving_spacing=(4.0, 4.0, 5.0), labels=False)
+    # 6 mm voxels: the QA of the run's outputs is the point, not the run's accuracy (it ends ~0.5 mm off either way)
+    pair = phantoms.make_pair(seed=3, rotation_deg=10, translation_mm=20, fixed_spacing=(6.0, 6.0, 6.0),
+                              moving_spacing=(6.0, 6.0, 7.0), labels=False)
     sitk.WriteImage(pair.fixed, str(tmp_path / "fixed.nrrd"))
     sitk.WriteImage(pair.moving, str(tmp_path / "moving.nrrd"))
     out = tmp_path / "run"

@@ -45,8 +45,10 @@ def fair_error_mm(estimate: np.ndarray, ct: sitk.Image, mr: sitk.Image, referenc
     labels, _ = ndimage.label((array >= -300) & (array <= 4000))
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    index = np.argwhere(labels == int(np.argmax(sizes)))[:, ::-1]
-    index = index[np.random.default_rng(0).choice(len(index), min(3000, len(index)), replace=False)]
+    # the same points as np.argwhere(...)[chosen] (C order), without its N x 3 array (42 M rows on the full CT: 2 s)
+    flat = np.flatnonzero(labels.ravel() == int(np.argmax(sizes)))
+    flat = flat[np.random.default_rng(0).choice(len(flat), min(3000, len(flat)), replace=False)]
+    index = np.stack(np.unravel_index(flat, labels.shape), axis=1)[:, ::-1]
     points = np.array([ct.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in index])
     displaced = np.array([displacement.TransformPoint(tuple(p)) for p in points])
     keep = inside_image(mr, transforms.apply_matrix(rigid, displaced))
