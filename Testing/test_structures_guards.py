@@ -215,3 +215,18 @@ def test_per_structure_does_not_run_the_other_engines_global_attempt():
     state.options = types.SimpleNamespace(fallback=True, per_structure=(), registration=options.registration)
     attempts.plan_attempts(state)  # without --per-structure the other engine stays in the plan
     assert [engine for _, engine in state.attempt_plan] == ["itk", "elastix"]
+
+
+def test_cancel_during_a_structures_local_search_stops_it(pair, start):
+    """The local search (tens of seconds per bone on a real microCT) reports its progress and stops on Cancel."""
+    asked, messages = [], []
+
+    def cancel_requested():
+        asked.append(1)
+        return any("local search, start" in m for m in messages)  # Cancel pressed once the search has reported
+
+    progress = Progress(lambda stage, fraction, message: messages.append(message), cancel_requested)
+    labels = structures.from_label_image(pair.fixed_labels)
+    with pytest.raises(Cancelled):
+        structures.run(as_float32(pair.fixed), as_float32(pair.moving), start, labels, "tibia", progress=progress)
+    assert "local search, start 8 of" in messages[-1] and not any("rigid stage" in m for m in messages), messages

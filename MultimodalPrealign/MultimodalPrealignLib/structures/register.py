@@ -288,12 +288,13 @@ def search_directions() -> np.ndarray:
 
 
 def local_search(fixed_work: sitk.Image, moving_work: sitk.Image, mask: np.ndarray, start: sitk.Transform,
-                 centre, limits: dict) -> tuple[sitk.Transform, dict]:
+                 centre, limits: dict, progress: Progress = SILENT, label: str = "") -> tuple[sitk.Transform, dict]:
     """A structure's starting pose: the best of turns about ``centre`` (``search_angles_deg`` about 14 axes, plus
     none), each with a greedy translation search, the best ``search_keep`` polished in rotation and translation;
     scored by the masked MI on copies smoothed by ``search_smoothing_mm`` (a wide, smooth capture range: the parts
     of a knee turn 5-30 degrees about the flexion axis, some centimetres from a bone's centroid). Returns
-    (compose(best turn, start), record); ``start`` itself when nothing scores higher."""
+    (compose(best turn, start), record); ``start`` itself when nothing scores higher. ``progress``: told after each
+    start's climb (and asked whether to stop); ``label``: the structure's name in its messages."""
     started = time.perf_counter()
     sigma = float(limits["search_smoothing_mm"])
     smooth_fixed = sitk.SmoothingRecursiveGaussian(fixed_work, sigma)
@@ -328,8 +329,20 @@ def local_search(fixed_work: sitk.Image, moving_work: sitk.Image, mask: np.ndarr
     baseline = score(zero, zero)
     candidates = [(zero, zero)] + [(axis * angle, zero) for angle in limits["search_angles_deg"]
                                    for axis in search_directions()]
-    climbed = sorted((climb(r, t, score(r, t), rotate=False) for r, t in candidates), key=lambda c: -c[2])
-    polished = [climb(r, t, v, rotate=True) for r, t, v in climbed[:int(limits["search_keep"])]]
+    keep = int(limits["search_keep"])
+    steps = len(candidates) + keep
+
+    def told(done: int, value):  # a line every 8 starts, a cancel check after each
+        if done % 8 == 0 or done == steps:
+            progress.report("structures", done / steps, f"{label}: local search, start {done} of {steps}")
+        else:
+            progress.check_cancelled()
+        return value
+
+    climbed = sorted((told(i + 1, climb(r, t, score(r, t), rotate=False)) for i, (r, t) in enumerate(candidates)),
+                     key=lambda c: -c[2])
+    polished = [told(len(candidates) + i + 1, climb(r, t, v, rotate=True))
+                for i, (r, t, v) in enumerate(climbed[:keep])]
     rotation, translation, value = max(polished, key=lambda c: c[2])
     record = {"evaluations": count["n"], "seconds": round(time.perf_counter() - started, 3),
               "mi_start": _round(baseline), "mi_best": _round(value),
@@ -545,7 +558,8 @@ def _register_one(fixed, moving, global_transform, fixed_labels: StructureLabels
     initial, search = global_transform, None
     if limits.get("search", True):
         progress.report("structures", 0.2, f"{name}: local search from the global transform")
-        initial, search = local_search(fixed_work, moving_work, mask, global_transform, centroid, limits)
+        initial, search = local_search(fixed_work, moving_work, mask, global_transform, centroid, limits,
+                                       progress.span(0.2, 0.3), name)
     result.timings["search"] = time.perf_counter() - started
     started = time.perf_counter()
     engine_result = register_fn(fixed_work, moving_work, initial, registration.validate(),
