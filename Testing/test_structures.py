@@ -7,33 +7,28 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from knee_helpers import bone_error, near_femur, small_knee
 
 from MultimodalPrealignLib import cli, structures
 from MultimodalPrealignLib.errors import InputError
 from MultimodalPrealignLib.geometry import transforms
 from MultimodalPrealignLib.io.image_io import as_float32
-from MultimodalPrealignLib.synthetic import knee
 from MultimodalPrealignLib.synthetic.phantoms import rigid_transform, rotation_about_axis
 
 
 @pytest.fixture(scope="module")
 def pair():
     """0.5 mm microCT-like joint vs 3 x 1 x 1 mm MR-like leg, 12 degrees more flexion in the MR."""
-    return knee.make_knee_pair(seed=2, fixed_spacing_mm=0.5, fixed_size=110, moving_spacing=(3.0, 1.0, 1.0),
-                               flexion_fixed_deg=5.0, flexion_difference_deg=12.0, placement_rotation_deg=10.0,
-                               placement_translation_mm=20.0, flip=False, moving_supersample=(2, 1, 1))
+    return small_knee(0.5, 110)
 
 
 @pytest.fixture(scope="module")
 def start(pair):
-    """A global transform near the femur's truth (2 degrees, 1.5 mm off): the tibia and patella are far off."""
-    centre = knee.bone_points(pair, "femur", 500, seed=0).mean(0)
-    nudge = rigid_transform(rotation_about_axis([1.0, 2.0, 0.5], 2.0), [1.0, -1.0, 0.5], centre)
-    return transforms.compose(nudge, pair.truths["femur"])
+    return near_femur(pair)
 
 
 def error(pair, transform, bone):
-    return transforms.mean_point_error(transform, pair.truths[bone], knee.bone_points(pair, bone, 800, seed=1))
+    return bone_error(pair, transform, bone)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import types
 
 import numpy as np
 import pytest
+from knee_helpers import bone_error, near_femur, small_knee
 
 from MultimodalPrealignLib import engines, parallel, structures
 from MultimodalPrealignLib.errors import Cancelled
@@ -23,27 +24,20 @@ from MultimodalPrealignLib.io.image_io import as_float32
 from MultimodalPrealignLib.pipeline import attempts, fallback
 from MultimodalPrealignLib.progress import Progress
 from MultimodalPrealignLib.structures import consistency
-from MultimodalPrealignLib.synthetic import knee
-from MultimodalPrealignLib.synthetic.phantoms import rigid_transform, rotation_about_axis
 
 
 @pytest.fixture(scope="module")
 def pair():
     """The small knee of test_structures.py, coarser (0.6 mm microCT) to keep these runs short."""
-    return knee.make_knee_pair(seed=2, fixed_spacing_mm=0.6, fixed_size=90, moving_spacing=(3.0, 1.0, 1.0),
-                               flexion_fixed_deg=5.0, flexion_difference_deg=12.0, placement_rotation_deg=10.0,
-                               placement_translation_mm=20.0, flip=False, moving_supersample=(2, 1, 1))
+    return small_knee(0.6, 90)
 
 
 @pytest.fixture(scope="module")
 def start(pair):
-    centre = knee.bone_points(pair, "femur", 500, seed=0).mean(0)
-    nudge = rigid_transform(rotation_about_axis([1.0, 2.0, 0.5], 2.0), [1.0, -1.0, 0.5], centre)
-    return transforms.compose(nudge, pair.truths["femur"])
+    return near_femur(pair)
 
 
-def error(pair, transform, bone):
-    return transforms.mean_point_error(transform, pair.truths[bone], knee.bone_points(pair, bone, 800, seed=1))
+error = bone_error
 
 
 def test_an_engine_that_walks_off_the_search_pose_is_not_kept(pair, start, monkeypatch):
