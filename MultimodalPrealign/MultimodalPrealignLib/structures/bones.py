@@ -45,6 +45,19 @@ def _fill(mask: np.ndarray) -> np.ndarray:
     return filled
 
 
+def _closing(mask: np.ndarray, radius) -> np.ndarray:
+    """Binary closing by a box of half-widths ``radius`` (voxels per array axis), outside the array empty: one
+    dilation then one erosion by lines along each axis (a box is the sum of its edges: the same voxels as with the
+    whole box, in a fraction of the time)."""
+    out = mask
+    for step in (ndimage.binary_dilation, ndimage.binary_erosion):
+        for axis, r in enumerate(radius):
+            shape = [1, 1, 1]
+            shape[axis] = 2 * int(r) + 1
+            out = step(out, np.ones(shape, bool), border_value=0)
+    return out
+
+
 def _split(component: np.ndarray, max_steps: int, min_voxels: int) -> np.ndarray | None:
     """Labels 1..k of ``component`` split at its thinnest necks by erosion (nearest piece for the rest); None when
     no erosion up to ``max_steps`` voxels splits it into pieces of at least ``min_voxels``."""
@@ -86,7 +99,7 @@ def threshold_bone_labels(image: sitk.Image, threshold: float, working_spacing_m
     voxel_ml = float(np.prod(spacing)) / 1000.0
     bone = sitk.GetArrayViewFromImage(work) > float(threshold)
     radius = [max(1, int(round(1.0 / s))) for s in spacing[::-1]]
-    closing = ndimage.binary_closing(bone, np.ones([2 * r + 1 for r in radius], bool), border_value=0)
+    closing = _closing(bone, radius)
     structure = ndimage.generate_binary_structure(3, 1)
     components, count = ndimage.label(bone | closing, structure)
     filled = np.zeros(bone.shape, np.int32)  # each component filled on its own: no fill across a joint space
@@ -106,13 +119,18 @@ def threshold_bone_labels(image: sitk.Image, threshold: float, working_spacing_m
                          "give a segmentation with --fixed-labels")
     pieces: list[np.ndarray] = []
     max_steps = max(1, int(round(max_split_mm / float(spacing.min()))))
+    boxes = ndimage.find_objects(components)
     for c in keep:
-        component = components == c
+        # the component's box and one empty voxel around it: erosion, labelling and nearest pieces as on the whole grid
+        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(boxes[c - 1], bone.shape))
+        component = components[box] == c
         split = _split(component, max_steps, max(1, int(min_split_share * sizes[c])))
+        index = np.indices(component.shape).reshape(3, -1)  # box voxel -> whole-grid flat index
+        flat = np.ravel_multi_index(tuple(index[k] + box[k].start for k in range(3)), bone.shape)
         if split is None:
-            pieces.append(np.flatnonzero(component.ravel()))
+            pieces.append(flat[component.ravel()])
         else:
-            pieces += [np.flatnonzero(split.ravel() == k) for k in range(1, int(split.max()) + 1)]
+            pieces += [flat[split.ravel() == k] for k in range(1, int(split.max()) + 1)]
     pieces.sort(key=len, reverse=True)
     out = np.zeros(bone.size, np.uint16)
     names = {}
