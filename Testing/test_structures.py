@@ -223,3 +223,19 @@ def test_a_structure_the_metric_does_not_pin_down_is_not_pass(bump):
         assert result.metrics["probes"]["best_gain"] <= 0.01  # the small probes do not see it either
         assert result.verdict == "WARN" and "does not pin it down" in result.reasons[0], result.reasons
         assert consistency["disagreement_mm"] > 0.5
+
+
+@pytest.mark.parametrize("shift", [0, 9])
+def test_threshold_bones_split_two_bones_joined_by_a_thin_neck(shift):
+    """Two balls (radius 5.5 and 6.5 mm) joined by a 1.5 mm neck, the smaller one touching the array's edge with
+    ``shift`` 9: the joint-space separation erodes the neck away and gives two bones, larger first."""
+    z, y, x = np.indices((60, 70, 80)).astype(float)
+    small = (z - 30) ** 2 + (y - 35) ** 2 + (x - 20 + shift) ** 2 <= 11 ** 2
+    large = (z - 30) ** 2 + (y - 35) ** 2 + (x - 60 + shift) ** 2 <= 13 ** 2
+    neck = (abs(z - 30) <= 1) & (abs(y - 35) <= 1) & (x > 28 - shift) & (x < 50 - shift)
+    image = sitk.GetImageFromArray(np.where(small | large | neck, 1000.0, 0.0).astype(np.float32))
+    image.SetSpacing((0.5, 0.5, 0.5))
+    labels = structures.threshold_bone_labels(image, 300.0, working_spacing_mm=0.5, min_volume_ml=0.01)
+    found = sitk.GetArrayFromImage(labels.image)
+    assert list(labels.names) == ["bone_1", "bone_2"]
+    assert np.mean(found[large] == 1) > 0.99 and np.mean(found[small] == 2) > 0.99
