@@ -27,8 +27,7 @@ def start(pair):
     return near_femur(pair)
 
 
-def error(pair, transform, bone):
-    return bone_error(pair, transform, bone)
+error = bone_error
 
 
 @pytest.fixture(scope="module")

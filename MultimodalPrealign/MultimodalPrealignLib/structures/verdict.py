@@ -63,8 +63,11 @@ def judge(record: dict, limits: dict | None = None) -> tuple[str, list[str]]:
                              "the pose; check the pictures"))
     if consistency.get("disagreement_mm") is not None and \
             consistency["disagreement_mm"] > t["consistency_max_disagreement_mm"]:
+        also = sorted({end["start"] for m in consistency.get("metrics", []) for end in m.get("ends", [])
+                       if end.get("start")})
         checks.append((WARN, f"re-registered from turns of {consistency['turn_deg']:.0f} degrees about its flattest "
-                             f"axis, poses up to {consistency['disagreement_mm']:.2f} mm (mean displacement) from the "
+                             f"axis{''.join(' and from ' + start for start in also)}, poses up to "
+                             f"{consistency['disagreement_mm']:.2f} mm (mean displacement) from the "
                              "result score within tolerance of the best masked mutual information: the metric does not "
                              "pin it down; check the pictures"))
     voxels = (record.get("crop") or {}).get("mask_voxels")
