@@ -354,9 +354,31 @@ def phantom_fair_case(index: int, seed: int = 0) -> Case:
 MICROCT_SCALE = 10.0  # world (torso, mm) = 10 x physical (a 40 mm "mouse-sized" torso)
 
 
-def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
-    """microCT-like fixed (``size``^3 at 0.1 mm) vs MR-like moving (0.5 x 0.5 x 3 mm) of the same object."""
-    folder = CACHE / f"microct_s{seed}_{index:03d}_{size}"
+def _render_int16(modality: str, grid: dict, image_to_world: np.ndarray, seed: int, noise: float,
+                  slices: int = 16) -> sitk.Image:
+    """``phantoms.render`` stored as int16 (rounded, as a scanner stores HU), rendered ``slices`` slices at a time
+    (each slab's noise from its own seed) so a 1024^3 grid never holds its float32 arrays whole."""
+    size, spacing = [int(v) for v in grid["size"]], np.asarray(grid["spacing"], float)
+    direction = np.asarray(grid["direction"], float).reshape(3, 3)
+    out = np.empty(size[::-1], dtype=np.int16)
+    for number, start in enumerate(range(0, size[2], slices)):
+        thickness = min(slices, size[2] - start)
+        origin = np.asarray(grid["origin"], float) + direction @ (spacing * [0.0, 0.0, start])
+        slab_grid = dict(grid, size=size[:2] + [thickness], origin=origin.tolist())
+        slab, _ = phantoms.render(modality, slab_grid, image_to_world, seed=seed * 10_000 + number, noise=noise)
+        out[start:start + thickness] = np.clip(np.rint(sitk.GetArrayViewFromImage(slab)), -32768, 32767)
+    image = sitk.GetImageFromArray(out)
+    del out
+    image.CopyInformation(phantoms.make_reference(dict(grid, size=size), sitk.sitkUInt8))
+    return image
+
+
+def microct_case(index: int, seed: int = 0, size: int = 400, pixel: str = "float32") -> Case:
+    """microCT-like fixed (``size``^3 at 0.1 mm) vs MR-like moving (0.5 x 0.5 x 3 mm) of the same object.
+
+    ``pixel``: the images' stored type, "float32" or "int16" (as scanners store them; the fixed one rendered in
+    slabs, which a 1024^3 grid needs)."""
+    folder = CACHE / (f"microct_s{seed}_{index:03d}_{size}" + ("" if pixel == "float32" else f"_{pixel}"))
     cached = _open_case(folder)
     if cached is not None:
         return cached
@@ -369,13 +391,18 @@ def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
     truth = transforms.to_matrix(true)
     spacing = 0.1
     fixed_grid = phantoms.grid_for([size * spacing] * 3, [spacing] * 3, center=center.tolist())
-    fixed, _ = phantoms.render("ct", fixed_grid, scale, seed=seed * 100 + index, noise=25.0)
+    if pixel == "int16":
+        fixed = _render_int16("ct", fixed_grid, scale, seed * 100 + index, 25.0)
+    else:
+        fixed, _ = phantoms.render("ct", fixed_grid, scale, seed=seed * 100 + index, noise=25.0)
     body = phantoms.body_box()
     extent = (np.asarray(body.upper) - np.asarray(body.lower)) / MICROCT_SCALE + 4.0
     moving_center = truth[:3, :3] @ center + truth[:3, 3]
     moving_grid = phantoms.grid_for(extent.tolist(), [0.5, 0.5, 3.0], center=moving_center.tolist())
     moving, _ = phantoms.render("mr_t2", moving_grid, scale @ np.linalg.inv(truth), seed=seed * 100 + index + 1,
                                 bias_field=0.3, supersample=2)
+    if pixel == "int16":
+        moving = sitk.Cast(sitk.Round(moving), sitk.sitkInt16)
     points_world = np.random.default_rng(index).uniform(body.lower, body.upper, size=(20000, 3))
     points_world = points_world[phantoms.inside_body(points_world)]
     points = points_world / MICROCT_SCALE
@@ -384,6 +411,7 @@ def microct_case(index: int, seed: int = 0, size: int = 400) -> Case:
     keep = inside_image(fixed, points) & inside_image(moving, points @ truth[:3, :3].T + truth[:3, 3])
     np.save(folder / "points.npy", points[keep][:2000])
     info = {"rotation_deg": round(rotation, 2), "fixed_size": [size] * 3, "fixed_spacing_mm": [spacing] * 3,
+            "fixed_pixel": pixel,
             "moving_size": list(moving.GetSize()), "moving_spacing_mm": [0.5, 0.5, 3.0]}
     case = Case("microct", index, _write(fixed, folder / "fixed.mha"), _write(moving, folder / "moving.mha"),
                 truth.tolist(), str(folder / "points.npy"), info)

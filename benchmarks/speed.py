@@ -79,9 +79,9 @@ def measure(*, repeats: int, peers: list[str], growth: bool, micro_size: int, se
     if growth:
         rows.append(_row("ours, default, CT with 2x slices", "ours-files", run._upsampled_ct_case(), seed, timeout_s,
                          log))
-        micro = cases.microct_case(0, seed, size=micro_size).to_json()
-        rows.append(_row(f"ours, default, microCT-like {micro_size}^3 @ 0.1 mm", "ours-files", micro, seed, timeout_s,
-                         log))
+        micro = cases.microct_case(0, seed, size=micro_size, pixel="int16").to_json()
+        rows.append(_row(f"ours, default, microCT-like {micro_size}^3 @ 0.1 mm, int16", "ours-files", micro, seed,
+                         timeout_s, log))
     return rows
 
 

@@ -188,11 +188,8 @@ def resample_grid(image: sitk.Image, grid: dict, default_value: float) -> sitk.I
     index = image_space.physical_to_index(image, image_space.index_to_physical_points(reference, corners))
     first = np.maximum(np.floor(index.min(0)).astype(int) - 2, 0)
     last = np.minimum(np.ceil(index.max(0)).astype(int) + 2, np.asarray(image.GetSize()) - 1)
-    source = image
-    if np.any(first > 0) or np.any(last < np.asarray(image.GetSize()) - 1):
-        source = sitk.RegionOfInterest(image, (last - first + 1).tolist(), first.tolist())
-    source = sitk.Cast(source, sitk.sitkFloat32) if source.GetPixelID() != sitk.sitkFloat32 else source
-    source = shrink_then_smooth(source, grid["spacing"])
+    # float32; an integer image is cast slab by slab and its region never copied whole
+    source = shrink_then_smooth(image, grid["spacing"], (first.tolist(), (last - first + 1).tolist()))
     return sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, float(default_value), sitk.sitkFloat32,
                          True)
 

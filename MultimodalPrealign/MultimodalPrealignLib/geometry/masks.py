@@ -51,7 +51,7 @@ def foreground_mask(image: sitk.Image, working_spacing_mm: float | None = 3.0,
     """
     work = image
     if working_spacing_mm is not None and max(image.GetSpacing()) < working_spacing_mm:
-        work = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), [working_spacing_mm] * 3)
+        work = resample_to_spacing(image, [working_spacing_mm] * 3)  # float32
     array = sitk.GetArrayFromImage(work).astype(np.float32)
     pad = padding_value(image)  # on the original: smoothing blurs the padding plateau of the coarse copy
     valid = np.ones(array.shape, bool)

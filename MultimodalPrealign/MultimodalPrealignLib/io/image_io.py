@@ -9,6 +9,7 @@ import contextlib
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,44 @@ def as_float32(image: sitk.Image) -> sitk.Image:
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, compression_level: int = 1) -> None:
     """Write an image; gzip level 1 by default (about half the time of the default level, ~35% larger)."""
     sitk.WriteImage(image, str(path), compress, compression_level)
+
+
+#: NRRD type names of the scalar pixel types (teem's names, as ITK's NRRD writer spells them)
+_NRRD_TYPES = {sitk.sitkInt8: "signed char", sitk.sitkUInt8: "unsigned char", sitk.sitkInt16: "short",
+               sitk.sitkUInt16: "unsigned short", sitk.sitkInt32: "int", sitk.sitkUInt32: "unsigned int",
+               sitk.sitkInt64: "long long int", sitk.sitkUInt64: "unsigned long long int",
+               sitk.sitkFloat32: "float", sitk.sitkFloat64: "double"}
+
+
+def write_nrrd_slabs(path: str | os.PathLike, grid: sitk.Image, pixel_id: int, slabs) -> None:
+    """Write an uncompressed NRRD with ``grid``'s geometry (size, LPS origin, spacing, direction) and pixel type
+    ``pixel_id`` from ``slabs``: arrays (z, y, x) of that type, consecutive along the last grid axis, covering the
+    grid. The header is the one ITK's NRRD writer makes; a slab is written on a thread while the next is made.
+    ValueError when the slabs do not fill the grid exactly."""
+    if pixel_id not in _NRRD_TYPES:
+        raise ValueError(f"no NRRD type for pixel type {sitk.GetPixelIDValueAsString(pixel_id)}")
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype
+    size = grid.GetSize()
+    direction = np.asarray(grid.GetDirection(), float).reshape(3, 3)
+    axes = " ".join("(" + ",".join(repr(float(v)) for v in direction[:, i] * grid.GetSpacing()[i]) + ")"
+                    for i in range(3))
+    header = ("NRRD0004\n"
+              f"type: {_NRRD_TYPES[pixel_id]}\ndimension: 3\nspace: left-posterior-superior\n"
+              f"sizes: {size[0]} {size[1]} {size[2]}\nspace directions: {axes}\nkinds: domain domain domain\n"
+              "endian: little\nencoding: raw\n"
+              "space origin: (" + ",".join(repr(float(v)) for v in grid.GetOrigin()) + ")\n\n")
+    written, pending = 0, None
+    with open(path, "wb") as handle, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-nrrd") as writer:
+        handle.write(header.encode("ascii"))
+        for slab in slabs:
+            if slab.dtype != dtype or slab.ndim != 3 or slab.shape[1:] != (size[1], size[0]):
+                raise ValueError("a slab does not match the grid's pixel type or its first two sizes")
+            data = np.ascontiguousarray(slab, dtype=dtype.newbyteorder("<"))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(handle.write, memoryview(data).cast("B"))
+            written += slab.shape[0]
+        if pending is not None:
+            pending.result()
+    if written != size[2]:
+        raise ValueError(f"the slabs hold {written} of the grid's {size[2]} slices")

@@ -47,7 +47,7 @@ def plan_attempts(state: RunState) -> None:
         state.attempt_plan = [(state.choices[0], options.registration.engine)]
         return
     for label, candidate in fallback.prealign_candidate_transforms(pre.candidates):
-        if _distinct_pose(candidate, pre.transform, state.fixed_f):
+        if _distinct_pose(candidate, pre.transform, state.fixed):
             state.choices.append((f"{pre.method} candidate: {label}", candidate))
     engine_order = [options.registration.engine]
     if not state.custom_engine:
@@ -151,7 +151,7 @@ def plan_crop(state: RunState, attempt: Attempt, progress=None) -> crop.CropPlan
     """The crop plan under ``attempt.initial``; InputError when the images do not overlap under it."""
     options = state.options
     (progress or state.progress).report("crop", 0.0, f"cropping to the overlap ({attempt.label})")
-    return crop.plan_crop(state.fixed_f, state.moving_f, attempt.initial, options.crop_margin_mm,
+    return crop.plan_crop(state.fixed, state.moving, attempt.initial, options.crop_margin_mm,
                           options.spacing_scale, options.isotropic, options.max_working_voxels, attempt.label)
 
 

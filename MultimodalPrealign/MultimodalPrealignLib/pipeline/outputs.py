@@ -7,7 +7,9 @@ failed run leaves no partial outputs. transform.h5 maps FIXED physical points to
 moving_resampled.nrrd is the moving image on the fixed grid in the MOVING image's pixel type, uncompressed
 (:data:`RESAMPLED_COMPRESSION`): on the phantom pair (CT grid 512 x 512 x 409, int16) gzip level 1 took 1.8 s of
 CPU and the default level 3.4 s for a file of 146 / 109 MB instead of 214 MB, the raw write 0.1 s. It is resampled
-and written on a worker thread while the pictures and report.html are made (SimpleITK releases the GIL).
+and written on a worker thread while the pictures and report.html are made (SimpleITK releases the GIL). On a fixed
+grid of more than :data:`STREAMED_WRITE_VOXELS` (a 1024^3 microCT) it is resampled and written slab by slab, only
+the part of the grid the moving image can reach resampled, so it never sits whole in memory beside the fixed image.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import SimpleITK as sitk
 
 from .. import crop, stopping
 from ..errors import InputError
-from ..geometry import transforms
+from ..geometry import image_space, transforms
 from ..io import image_io
 from ..progress import Progress
 from ..qa import reporting
@@ -77,11 +79,82 @@ def _check_writable(out_dir: Path) -> None:
                              "give --out a folder you can write to") from None
 
 
+#: fixed grids of more voxels than this get moving_resampled.nrrd resampled and written slab by slab (a 1024^3
+#: microCT grid would otherwise hold a second 2.1 GB image beside the fixed one); smaller ones in one piece
+STREAMED_WRITE_VOXELS = 1 << 28
+#: voxels per slab of a streamed write
+STREAMED_SLAB_VOXELS = 1 << 24
+
+
 def resample_moving(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform) -> sitk.Image:
     """The ORIGINAL moving image on the ORIGINAL fixed grid (``fixed_to_moving``: fixed -> moving, LPS mm), linear
     interpolation, in the moving image's pixel type (an int16 MR stays int16: half the bytes of float32)."""
     return sitk.Resample(moving, fixed, fixed_to_moving, sitk.sitkLinear, crop.background_value(moving),
                          moving.GetPixelID())
+
+
+def streamed(fixed: sitk.Image) -> bool:
+    """True when moving_resampled.nrrd on ``fixed``'s grid is made slab by slab (:data:`STREAMED_WRITE_VOXELS`)."""
+    size = fixed.GetSize()
+    return size[0] * size[1] * size[2] > STREAMED_WRITE_VOXELS
+
+
+def resampled_slabs(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform):
+    """:func:`resample_moving` in slabs (arrays z, y, x) along the fixed grid's last axis.
+
+    With a linear transform only the fixed voxels whose points can fall inside the moving image (the box around
+    its footprint, plus 2 voxels) are resampled; the others hold the background value as ITK gives it (a microCT
+    grid around a small MR: most of the grid)."""
+    size = list(fixed.GetSize())
+    step = max(1, STREAMED_SLAB_VOXELS // (size[0] * size[1]))
+    background = crop.background_value(moving)
+    pixel_id = moving.GetPixelID()
+
+    def resampled(index, box_size) -> np.ndarray:
+        reference = sitk.Image([int(v) for v in box_size], sitk.sitkUInt8)
+        reference.SetSpacing(fixed.GetSpacing())
+        reference.SetDirection(fixed.GetDirection())
+        reference.SetOrigin(fixed.TransformIndexToPhysicalPoint([int(v) for v in index]))
+        return sitk.GetArrayFromImage(sitk.Resample(moving, reference, fixed_to_moving, sitk.sitkLinear, background,
+                                                    pixel_id))
+
+    box = _footprint_box(fixed, moving, fixed_to_moving)
+    if box is None:
+        for start in range(0, size[2], step):
+            yield resampled([0, 0, start], size[:2] + [min(step, size[2] - start)])
+        return
+    far = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    far.SetOrigin([1e12, 1e12, 1e12])  # outside any image: the background value in the output's type
+    fill = sitk.GetArrayFromImage(sitk.Resample(moving, far, fixed_to_moving, sitk.sitkLinear, background,
+                                                pixel_id)).ravel()[:1]
+    (x0, y0, z_first), (x1, y1, z_last) = box
+    outside = None  # one all-background slab, written as often as needed (never changed)
+    for start in range(0, size[2], step):
+        thickness = min(step, size[2] - start)
+        z0, z1 = max(start, z_first), min(start + thickness, z_last)
+        if z1 <= z0 or x1 <= x0 or y1 <= y0:
+            if outside is None or outside.shape[0] != thickness:
+                outside = np.full((thickness, size[1], size[0]), fill[0], dtype=fill.dtype)
+            yield outside
+            continue
+        array = np.full((thickness, size[1], size[0]), fill[0], dtype=fill.dtype)
+        array[z0 - start:z1 - start, y0:y1, x0:x1] = resampled([x0, y0, z0], [x1 - x0, y1 - y0, z1 - z0])
+        yield array
+
+
+def _footprint_box(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform):
+    """(lower, upper) fixed voxel indices (x, y, z; upper exclusive) around the moving image's extent mapped into the
+    fixed grid, 2 voxels wider on each side; None for a transform that is not linear (no box: everything)."""
+    inverse = transforms.inverse_or_none(fixed_to_moving)
+    if inverse is None:
+        return None
+    corners = transforms.transform_points(inverse, image_space.physical_corners(moving))
+    index = image_space.physical_to_index(fixed, corners)
+    size = np.asarray(fixed.GetSize())
+    lower = np.clip(np.floor(index.min(0)).astype(int) - 2, 0, size)
+    upper = np.clip(np.ceil(index.max(0)).astype(int) + 3, 0, size)
+    lower = np.minimum(lower, upper)
+    return lower.tolist(), upper.tolist()
 
 
 class ResampleAhead:
@@ -103,6 +176,8 @@ class ResampleAhead:
     def start(self, fixed_to_moving: sitk.Transform) -> None:
         if self._transform is not None:  # a fallback attempt: the first result's image is not needed
             self._future = None
+            return
+        if streamed(self.fixed):  # written slab by slab at the end instead of held whole
             return
         self._transform = fixed_to_moving
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-resample-ahead")
@@ -131,9 +206,13 @@ def _timed_resample(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk
 def write_resampled(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform, path: Path, *,
                     compression: int = RESAMPLED_COMPRESSION, ahead: ResampleAhead | None = None) -> float:
     """Resample the moving image onto the fixed grid (:func:`resample_moving`; taken from ``ahead`` when it made it
-    for this transform) and write it to ``path``, gzip level ``compression`` (0: uncompressed); returns the
+    for this transform) and write it to ``path``, gzip level ``compression`` (0: uncompressed; on a large fixed grid
+    slab by slab, :func:`streamed`); returns the
     seconds of resampling and writing."""
     started = time.perf_counter()
+    if streamed(fixed) and compression == 0:
+        image_io.write_nrrd_slabs(path, fixed, moving.GetPixelID(), resampled_slabs(fixed, moving, fixed_to_moving))
+        return time.perf_counter() - started
     made = ahead.take(fixed_to_moving) if ahead is not None else None
     image, earlier = made if made is not None else (resample_moving(fixed, moving, fixed_to_moving), 0.0)
     image_io.write_image(image, path, compress=compression > 0, compression_level=max(compression, 1))

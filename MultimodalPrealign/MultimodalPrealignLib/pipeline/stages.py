@@ -26,7 +26,7 @@ from .state import QA_SPACING_MM, RunState
 
 
 def check_inputs(state: RunState) -> None:
-    """Refuse unusable images and label maps on other grids; keep float32 copies for the stages."""
+    """Refuse unusable images and label maps on other grids; float32 copies for the structures' stages."""
     state.fixed = image_io.check_image(state.fixed, "fixed image")
     state.moving = image_io.check_image(state.moving, "moving image")
     plausibility.check_pair(state.fixed, state.moving)  # images in other units (metres vs mm, a voxel size x100)
@@ -34,8 +34,8 @@ def check_inputs(state: RunState) -> None:
         image_io.check_label_map(state.fixed_labels, state.fixed, "fixed label map", "fixed image")
     if state.moving_labels is not None:
         image_io.check_label_map(state.moving_labels, state.moving, "moving label map", "moving image")
-    state.fixed_f, state.moving_f = image_io.as_float32(state.fixed), image_io.as_float32(state.moving)
     if state.options.per_structure:
+        state.fixed_f, state.moving_f = image_io.as_float32(state.fixed), image_io.as_float32(state.moving)
         check_structures(state)
 
 
@@ -92,7 +92,7 @@ def prealign_pair(state: RunState) -> None:
     progress.report("prealign", 0.05, f"pre-alignment '{options.prealign}'")
     started = time.perf_counter()
     inputs = prealign.PrealignInputs(
-        fixed=state.fixed_f, moving=state.moving_f, fixed_labels=state.fixed_labels,
+        fixed=state.fixed, moving=state.moving, fixed_labels=state.fixed_labels,
         moving_labels=state.moving_labels, fixed_labels_task=options.fixed_labels_task,
         moving_labels_task=options.moving_labels_task, seed=options.registration.seed,
         options=dict(options.prealign_options), progress=progress.span(0.05, 0.35))
@@ -114,8 +114,8 @@ def diagnose_overlap(state: RunState) -> None:
 def set_up_qa(state: RunState) -> None:
     """Coarse copies the metrics run on (:data:`QA_SPACING_MM`) and the structure pairs to compare."""
     started = time.perf_counter()
-    state.fixed_qa = resample.coarse_copy(state.fixed_f, QA_SPACING_MM)
-    state.moving_qa = resample.coarse_copy(state.moving_f, QA_SPACING_MM)
+    state.fixed_qa = resample.coarse_copy(state.fixed, QA_SPACING_MM)
+    state.moving_qa = resample.coarse_copy(state.moving, QA_SPACING_MM)
     if state.fixed_labels is not None and state.moving_labels is not None:
         state.structure_pairs = metrics.structure_pairs(state.options.fixed_labels_task,
                                                         state.options.moving_labels_task)

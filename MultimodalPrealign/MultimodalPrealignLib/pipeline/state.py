@@ -36,10 +36,10 @@ class Attempt:
 class RunState:
     """Everything one run carries forward: inputs and options first, then each stage's results.
 
-    Filled in stage order: check inputs (``fixed_f``/``moving_f``), diagnose (``diagnostics``), pre-align
-    (``prealignment``), QA setup (``fixed_qa``/``moving_qa``, ``structure_pairs``), attempts (``choices``,
-    ``attempt_plan``, ``qa_report``, ``chosen``). ``timings`` (s) and ``warnings`` grow
-    along the way and go into report.json as they are.
+    Filled in stage order: check inputs (``fixed_f``/``moving_f`` with ``--per-structure``), diagnose
+    (``diagnostics``), pre-align (``prealignment``), QA setup (``fixed_qa``/``moving_qa``, ``structure_pairs``),
+    attempts (``choices``, ``attempt_plan``, ``qa_report``, ``chosen``). ``timings`` (s) and ``warnings`` grow along
+    the way and go into report.json as they are.
     """
 
     fixed: sitk.Image
@@ -55,7 +55,9 @@ class RunState:
     started: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
-    # check inputs: float32 copies of the checked inputs (the working type of every stage)
+    # check inputs, --per-structure only: float32 copies of the inputs for the structures' stages. The other stages
+    # read the inputs as given and make float32 copies of what they keep (crops, coarse copies: an int16 image is
+    # cast slab by slab while it is shrunk), so a 1024^3 int16 microCT never has a 4.3 GB float32 twin
     fixed_f: sitk.Image | None = None
     moving_f: sitk.Image | None = None
     # diagnose: report["diagnostics"]; the seconds of its part before pre-alignment

@@ -46,10 +46,9 @@ from scipy import ndimage
 
 from .. import parallel
 from ..errors import InputError
-from ..geometry import image_space, transforms
+from ..geometry import image_space, resample, transforms
 from ..geometry.masks import foreground_mask, padding_value
 from ..geometry.transforms import rotation_vector_matrix
-from ..io.image_io import as_float32
 from ..progress import Progress
 from ..resource_files import load_settings
 from .base import PrealignInputs, PrealignResult
@@ -199,21 +198,20 @@ def make_level(image: sitk.Image, target_mm: float, bins: int, max_points: int, 
 
 def _box_averaged(image: sitk.Image, factors: list[int]) -> tuple[sitk.Image, np.ndarray]:
     """Float32 copy box-averaged by ``factors`` and its (z, y, x) array, CT padding kept as padding."""
-    shrink = any(f > 1 for f in factors)
-    small = sitk.Cast(sitk.BinShrink(image, factors) if shrink else image, sitk.sitkFloat32)
-    array = sitk.GetArrayFromImage(small)
+    small = resample.float32_bin_shrink(image, factors)
     pad = padding_value(small)
-    if pad is not None:
-        # Box averaging mixes CT padding (-2048...) into the voxels along the reconstruction circle; such
-        # values look like "darker than air" tissue to a threshold and to the histograms. Those voxels
-        # become padding too (one voxel around every padded one).
-        valid_image = _mask_from_array(array > pad + 0.5, small)
-        valid = sitk.GetArrayFromImage(sitk.BinaryErode(valid_image, [1, 1, 1], sitk.sitkBox, 0, 1, True)) > 0
-        array[~valid] = pad
-        cleaned = sitk.GetImageFromArray(array)
-        cleaned.CopyInformation(small)
-        small = cleaned
-    return small, array
+    if pad is None:
+        return small, sitk.GetArrayViewFromImage(small)  # read only; ``small`` (kept by the level) owns it
+    # Box averaging mixes CT padding (-2048...) into the voxels along the reconstruction circle; such values look
+    # like "darker than air" tissue to a threshold and to the histograms. Those voxels become padding too (one
+    # voxel around every padded one).
+    array = sitk.GetArrayFromImage(small)
+    valid_image = _mask_from_array(array > pad + 0.5, small)
+    valid = sitk.GetArrayFromImage(sitk.BinaryErode(valid_image, [1, 1, 1], sitk.sitkBox, 0, 1, True)) > 0
+    array[~valid] = pad
+    cleaned = sitk.GetImageFromArray(array)
+    cleaned.CopyInformation(small)
+    return cleaned, array
 
 
 def _body_and_region(small: sitk.Image, array: np.ndarray, rim_mm: float, masks_from: Level | None) -> tuple:
@@ -251,16 +249,17 @@ def _scaled_intensities(small: sitk.Image, array: np.ndarray, region: np.ndarray
     lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
     if hi <= lo:
         hi = lo + 1.0
-    scaled = np.clip((array - lo) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) * np.float32(bins - 1)
+    scaled = np.subtract(array, np.float32(lo), dtype=np.float32)  # in place from here on: one array, not four
+    scaled *= np.float32(1.0 / (hi - lo))
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    scaled *= np.float32(bins - 1)
     return scaled, lo, hi
 
 
 def _region_samples(small: sitk.Image, region: np.ndarray, body: np.ndarray, scaled: np.ndarray,
                     max_points: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample points (physical, at most ``max_points`` of the body+rim voxels), their bins, in-body flags."""
-    idx = np.argwhere(region)
-    if idx.shape[0] > max_points:
-        idx = idx[np.sort(rng.choice(idx.shape[0], max_points, replace=False))]
+    idx = _nonzero_subsample(region, max_points, rng)
     points = _voxel_points(small, idx)
     point_bins = np.floor(scaled[idx[:, 0], idx[:, 1], idx[:, 2]] + 0.5).astype(np.int64)
     point_in_body = body[idx[:, 0], idx[:, 1], idx[:, 2]]
@@ -269,14 +268,22 @@ def _region_samples(small: sitk.Image, region: np.ndarray, body: np.ndarray, sca
 
 def _body_shape(small: sitk.Image, body: np.ndarray, rng: np.random.Generator) -> tuple:
     """(centroid, principal axes, up to 600 body voxel centres, volume mm3) of the body mask."""
-    body_idx = np.argwhere(body)
-    volume = float(body_idx.shape[0] * np.prod(small.GetSpacing()))
-    if body_idx.shape[0] > 200_000:  # centroid and axes from a (seeded) subsample: same to a fraction of a mm
-        body_idx = body_idx[np.sort(rng.choice(body_idx.shape[0], 200_000, replace=False))]
+    volume = float(np.count_nonzero(body) * np.prod(small.GetSpacing()))
+    # centroid and axes from a (seeded) subsample: the same to a fraction of a mm
+    body_idx = _nonzero_subsample(body, 200_000, rng)
     centroid, axes = _centroid_and_axes(_voxel_points(small, body_idx))
     if body_idx.shape[0] > 600:
         body_idx = body_idx[np.sort(rng.choice(body_idx.shape[0], 600, replace=False))]
     return centroid, axes, _voxel_points(small, body_idx), volume
+
+
+def _nonzero_subsample(mask: np.ndarray, most: int, rng: np.random.Generator) -> np.ndarray:
+    """``np.argwhere(mask)`` (z, y, x rows), or ``most`` of its rows drawn by ``rng`` in their order; the flat
+    indices are drawn from, not the N x 3 rows (a third of the memory on a 1024^3 microCT's levels)."""
+    flat = np.flatnonzero(mask)
+    if flat.shape[0] > most:
+        flat = flat[np.sort(rng.choice(flat.shape[0], most, replace=False))]
+    return np.stack(np.unravel_index(flat, mask.shape), axis=1)
 
 
 def _centroid_and_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -652,9 +659,9 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     run, scale = _start_run(inputs)
     run.progress.report("prealign", 0.15, "search: preparing coarse copies")
     run.lap_started = time.perf_counter()
-    # float32 first: BinShrink of an integer image rounds the averages, and the result would then depend on
-    # whether the caller passed int16 (files) or float32 (the pipeline)
-    fixed_image, moving_image = as_float32(inputs.fixed), as_float32(inputs.moving)
+    # the images as given (an int16 image is cast to float32 slab by slab while it is box-averaged: the same values
+    # as from a float32 copy, without one)
+    fixed_image, moving_image = inputs.fixed, inputs.moving
     coarse, fine = _prepare_levels(fixed_image, moving_image, inputs.seed, run)
     cands, global_scored = _score_global_candidates(coarse, run)
     probe = coarse.fixed.body_points[:: max(1, coarse.fixed.body_points.shape[0] // 60)]
@@ -698,8 +705,8 @@ def _prepare_levels(fixed_image: sitk.Image, moving_image: sitk.Image, seed: int
 
     def levels(image: sitk.Image, level_seed: int) -> tuple[Level, Level]:
         # the coarse level first (its body mask is cheap), then the fine level reusing that mask
-        fine_image = sitk.BinShrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"],
-                                                          image.GetSize()))
+        fine_image = resample.float32_bin_shrink(image, shrink_factors(image.GetSpacing(), options["fine_spacing_mm"],
+                                                                       image.GetSize()))
         coarse = make_level(fine_image, options["coarse_spacing_mm"], bins, int(options["max_points_coarse"]),
                             options["rim_mm"], level_seed)
         fine = make_level(fine_image, options["fine_spacing_mm"], bins, int(options["max_points_fine"]),
