@@ -220,7 +220,7 @@ def write_nrrd_slabs(path: str | os.PathLike, grid: sitk.Image, pixel_id: int, s
     ValueError when the slabs do not fill the grid exactly."""
     if pixel_id not in _NRRD_TYPES:
         raise ValueError(f"no NRRD type for pixel type {sitk.GetPixelIDValueAsString(pixel_id)}")
-    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype
+    dtype = sitk.GetArrayFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype
     size = grid.GetSize()
     direction = np.asarray(grid.GetDirection(), float).reshape(3, 3)
     axes = " ".join("(" + ",".join(repr(float(v)) for v in direction[:, i] * grid.GetSpacing()[i]) + ")"
