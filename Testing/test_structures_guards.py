@@ -198,7 +198,7 @@ def test_per_structure_does_not_run_the_other_engines_global_attempt():
                                     registration=types.SimpleNamespace(engine="itk"))
     state = types.SimpleNamespace(prealignment=types.SimpleNamespace(method="header", transform=transforms.identity(),
                                                                      candidates=[]),
-                                  options=options, custom_engine=False, fixed_f=None)
+                                  options=options, custom_engine=False, fixed=None)
     attempts.plan_attempts(state)
     assert list(state.attempt_plan) == [(state.choices[0], "itk")] and state.attempt_plan.skipped == ("elastix",)
     report = {"verdict_reasons": []}

@@ -26,7 +26,7 @@ from .state import QA_SPACING_MM, RunState
 
 
 def check_inputs(state: RunState) -> None:
-    """Refuse unusable images and label maps on other grids; float32 copies for the structures' stages."""
+    """Refuse unusable images and label maps on other grids; with ``--per-structure`` find the structures."""
     state.fixed = image_io.check_image(state.fixed, "fixed image")
     state.moving = image_io.check_image(state.moving, "moving image")
     plausibility.check_pair(state.fixed, state.moving)  # images in other units (metres vs mm, a voxel size x100)
@@ -35,7 +35,6 @@ def check_inputs(state: RunState) -> None:
     if state.moving_labels is not None:
         image_io.check_label_map(state.moving_labels, state.moving, "moving label map", "moving image")
     if state.options.per_structure:
-        state.fixed_f, state.moving_f = image_io.as_float32(state.fixed), image_io.as_float32(state.moving)
         check_structures(state)
 
 
@@ -45,7 +44,7 @@ def check_structures(state: RunState) -> None:
     exists (a single missing name is that structure's error; the others still run)."""
     options = state.options
     if state.structure_labels is None and options.structure_threshold is not None:
-        state.structure_labels = structures.threshold_bone_labels(state.fixed_f, float(options.structure_threshold))
+        state.structure_labels = structures.threshold_bone_labels(state.fixed, float(options.structure_threshold))
     elif state.structure_labels is None and state.fixed_labels is not None:
         state.structure_labels = structures.from_label_image(state.fixed_labels, options.fixed_labels_task)
     if state.structure_labels is None:
@@ -73,7 +72,7 @@ def register_structures(state: RunState) -> None:
         registration.engine = "itk" if state.chosen.engine not in ("itk", "elastix") else state.chosen.engine
     settings = structures.StructureSettings(registration=registration)
     state.structure_results, state.structures_report = structures.run(
-        state.fixed_f, state.moving_f, state.chosen.result.transform, state.structure_labels, options.per_structure,
+        state.fixed, state.moving, state.chosen.result.transform, state.structure_labels, options.per_structure,
         settings, state.moving_structure_labels, state.progress.span(*attempts.STRUCTURES_WINDOW),
         None if state.custom_engine else state.register_fn)
     state.timings["structures"] = time.perf_counter() - started

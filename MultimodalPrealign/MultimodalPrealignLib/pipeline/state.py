@@ -36,7 +36,7 @@ class Attempt:
 class RunState:
     """Everything one run carries forward: inputs and options first, then each stage's results.
 
-    Filled in stage order: check inputs (``fixed_f``/``moving_f`` with ``--per-structure``), diagnose
+    Filled in stage order: check inputs (``structure_labels`` with ``--per-structure``), diagnose
     (``diagnostics``), pre-align (``prealignment``), QA setup (``fixed_qa``/``moving_qa``, ``structure_pairs``),
     attempts (``choices``, ``attempt_plan``, ``qa_report``, ``chosen``). ``timings`` (s) and ``warnings`` grow along
     the way and go into report.json as they are.
@@ -55,11 +55,8 @@ class RunState:
     started: float = field(default_factory=time.perf_counter)
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
-    # check inputs, --per-structure only: float32 copies of the inputs for the structures' stages. The other stages
-    # read the inputs as given and make float32 copies of what they keep (crops, coarse copies: an int16 image is
-    # cast slab by slab while it is shrunk), so a 1024^3 int16 microCT never has a 4.3 GB float32 twin
-    fixed_f: sitk.Image | None = None
-    moving_f: sitk.Image | None = None
+    # (the stages read ``fixed``/``moving`` as given and make float32 copies of what they keep: crops, coarse copies,
+    # an 8/16-bit image shrunk by block sums; so a 1024^3 int16 microCT never has a 4.3 GB float32 twin)
     # diagnose: report["diagnostics"]; the seconds of its part before pre-alignment
     diagnostics: dict | None = None
     diagnose_seconds: float = 0.0

@@ -25,14 +25,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError
+from ..geometry.resample import float32_bin_shrink
 from .labels import StructureLabels
 
 
 def _working_copy(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     factors = [max(1, int(np.floor(spacing_mm / s + 1e-6))) for s in image.GetSpacing()]
     factors = [min(f, max(1, n // 4)) for f, n in zip(factors, image.GetSize())]
-    work = sitk.BinShrink(image, factors) if max(factors) > 1 else image
-    return sitk.Cast(work, sitk.sitkFloat32)
+    return float32_bin_shrink(image, factors)  # an int16 microCT: block sums, no float32 copy of it
 
 
 def _fill(mask: np.ndarray) -> np.ndarray:
