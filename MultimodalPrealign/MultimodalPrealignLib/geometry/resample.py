@@ -69,7 +69,8 @@ def region_covering_box(image: sitk.Image, box: Box, pad_voxels: int = 2) -> tup
     return first.tolist(), (last - first + 1).tolist()
 
 
-#: voxels per slab when an integer image is cast to float32 and shrunk slab by slab (:func:`float32_bin_shrink`)
+#: :func:`float32_bin_shrink`: an integer image (or region) of up to this many voxels is cast to float32 whole (a
+#: 64 MB copy at most); a larger one is shrunk without that copy, and 32/64-bit integer images slab by slab of this size
 SLAB_VOXELS = 1 << 24
 #: input voxels per chunk of the block sums (small enough to stay in the processor's cache: measured on a 1024^3
 #: int16 image, 1-2x faster than 16 M)
