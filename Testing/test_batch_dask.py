@@ -67,6 +67,12 @@ def wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def live_workers(client) -> dict:
+    """The scheduler's workers now. ``client.scheduler_info()`` returns its cached identity when a fetch fails, and
+    distributed's periodic refresh caches it without workers: right after a worker is killed that read {} once."""
+    return client.scheduler_info(n_workers=-1)["workers"]
+
+
 def finished_pairs(out: Path) -> set:
     if not out.is_dir():
         return set()
@@ -93,7 +99,7 @@ def test_a_cohort_on_a_running_cluster(cluster, client, tmp_path):
     rows = summary(out)["pairs"]
     assert [row["id"] for row in rows] == ["p01", "p02", "p03", "p04"]
     assert {row["verdict"] for row in rows} <= {"PASS", "WARN"}
-    workers = set(client.scheduler_info()["workers"])
+    workers = set(wait_for(lambda: live_workers(client), what="the live workers"))
     assert {row["worker"] for row in rows} == workers  # both workers took pairs
     for pair_id in ("p01", "p02", "p03", "p04"):
         assert_complete(out, pair_id)
@@ -151,13 +157,14 @@ def test_a_killed_worker_has_its_pair_run_again_on_the_other(cluster, client, tm
         return holders[0] if started and len(holders) == 1 else None
 
     address = wait_for(worker_running_p01, what="p01 running")
-    name = client.scheduler_info()["workers"][address]["name"]
+    name = wait_for(lambda: live_workers(client).get(address, {}).get("name"), what="p01's worker's name")
     cluster.kill(next(p for p in cluster.workers if cluster.name_of(p) == name))
     _, err = batch.communicate(timeout=120)
     assert batch.returncode == 0, err
     rows = {row["id"]: row for row in summary(out)["pairs"]}
     assert set(rows) == {"p01", "p02", "p03"} and {row["verdict"] for row in rows.values()} <= {"PASS", "WARN"}
-    assert rows["p01"]["worker"] != address and rows["p01"]["worker"] in client.scheduler_info()["workers"]
+    assert rows["p01"]["worker"] != address
+    wait_for(lambda: rows["p01"]["worker"] in live_workers(client), what="p01's new worker among the live ones")
     for pair_id in rows:
         assert_complete(out, pair_id)
     assert not (out / ".work").exists()
