@@ -21,7 +21,7 @@ from .errors import InputError
 from .geometry import image_space, transforms
 from .geometry.image_space import Box
 from .geometry.masks import otsu_thresholds_3class, padding_value
-from .geometry.resample import make_reference, resample_box, shrink_then_smooth
+from .geometry.resample import make_reference, region_covering_points, resample_box, shrink_then_smooth
 from .io import modality
 
 #: Working grids are capped at this many voxels (fixed crop) unless the caller says otherwise.
@@ -182,14 +182,9 @@ def resample_grid(image: sitk.Image, grid: dict, default_value: float) -> sitk.I
     the grid covers; downsampling is anti-aliased and the rim past the last voxel centre repeats the edge voxels
     (nearest-neighbour extrapolation: a flat background slice there is an edge the pyramid would smear in)."""
     reference = make_reference(grid, sitk.sitkFloat32)
-    size = np.asarray(grid["size"], float)
-    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
-                        for k in (-0.5, size[2] - 0.5)])
-    index = image_space.physical_to_index(image, image_space.index_to_physical_points(reference, corners))
-    first = np.maximum(np.floor(index.min(0)).astype(int) - 2, 0)
-    last = np.minimum(np.ceil(index.max(0)).astype(int) + 2, np.asarray(image.GetSize()) - 1)
+    region = region_covering_points(image, image_space.physical_corners(reference), pad_voxels=2)
     # float32; an integer image is cast slab by slab and its region never copied whole
-    source = shrink_then_smooth(image, grid["spacing"], (first.tolist(), (last - first + 1).tolist()))
+    source = shrink_then_smooth(image, grid["spacing"], region)
     return sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, float(default_value), sitk.sitkFloat32,
                          True)
 

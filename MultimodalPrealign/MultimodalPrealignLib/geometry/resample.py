@@ -60,7 +60,14 @@ def region_covering_box(image: sitk.Image, box: Box, pad_voxels: int = 2) -> tup
     lower, upper = np.asarray(box.lower), np.asarray(box.upper)
     corners = np.array([[x, y, z] for x in (lower[0], upper[0]) for y in (lower[1], upper[1])
                         for z in (lower[2], upper[2])])
-    idx = physical_to_index(image, corners)
+    return region_covering_points(image, corners, pad_voxels)
+
+
+def region_covering_points(image: sitk.Image, points: np.ndarray, pad_voxels: int = 2) -> tuple[list[int],
+                                                                                                list[int]] | None:
+    """(index, size) of the image region around ``points`` (N x 3, LPS mm) plus ``pad_voxels``; None if they all lie
+    beyond one side of the image."""
+    idx = physical_to_index(image, points)
     size = np.asarray(image.GetSize())
     first = np.maximum(np.floor(idx.min(0)).astype(int) - pad_voxels, 0)
     last = np.minimum(np.ceil(idx.max(0)).astype(int) + pad_voxels, size - 1)

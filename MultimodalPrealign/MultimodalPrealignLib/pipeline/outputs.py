@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from .. import crop, stopping
 from ..errors import InputError
-from ..geometry import image_space, transforms
+from ..geometry import image_space, resample, transforms
 from ..io import image_io
 from ..progress import Progress
 from ..qa import reporting
@@ -144,17 +144,17 @@ def resampled_slabs(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk
 
 def _footprint_box(fixed: sitk.Image, moving: sitk.Image, fixed_to_moving: sitk.Transform):
     """(lower, upper) fixed voxel indices (x, y, z; upper exclusive) around the moving image's extent mapped into the
-    fixed grid, 2 voxels wider on each side; None for a transform that is not linear (no box: everything)."""
+    fixed grid, 2 voxels wider on each side (empty when it misses the grid); None for a transform that is not linear
+    (no box: everything)."""
     inverse = transforms.inverse_or_none(fixed_to_moving)
     if inverse is None:
         return None
     corners = transforms.transform_points(inverse, image_space.physical_corners(moving))
-    index = image_space.physical_to_index(fixed, corners)
-    size = np.asarray(fixed.GetSize())
-    lower = np.clip(np.floor(index.min(0)).astype(int) - 2, 0, size)
-    upper = np.clip(np.ceil(index.max(0)).astype(int) + 3, 0, size)
-    lower = np.minimum(lower, upper)
-    return lower.tolist(), upper.tolist()
+    region = resample.region_covering_points(fixed, corners, pad_voxels=2)
+    if region is None:
+        return [0, 0, 0], [0, 0, 0]
+    index, size = region
+    return list(index), [i + n for i, n in zip(index, size)]
 
 
 class ResampleAhead:

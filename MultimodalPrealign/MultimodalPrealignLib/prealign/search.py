@@ -659,10 +659,8 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
     run, scale = _start_run(inputs)
     run.progress.report("prealign", 0.15, "search: preparing coarse copies")
     run.lap_started = time.perf_counter()
-    # the images as given (an int16 image is cast to float32 slab by slab while it is box-averaged: the same values
-    # as from a float32 copy, without one)
-    fixed_image, moving_image = inputs.fixed, inputs.moving
-    coarse, fine = _prepare_levels(fixed_image, moving_image, inputs.seed, run)
+    # the images as given: an 8/16-bit image is box-averaged by integer block sums, the values of a float32 copy
+    coarse, fine = _prepare_levels(inputs.fixed, inputs.moving, inputs.seed, run)
     cands, global_scored = _score_global_candidates(coarse, run)
     probe = coarse.fixed.body_points[:: max(1, coarse.fixed.body_points.shape[0] // 60)]
     local, local_starts = _local_search(cands, global_scored, coarse, probe, run)
@@ -675,7 +673,7 @@ def prealign(inputs: PrealignInputs) -> PrealignResult:
         run.lap("turn_s")
     if run.options["final_spacing_mm"] < run.options["fine_spacing_mm"] and run.within(
             run.deadline - 0.5 * WORK_PER_SECOND):
-        best = _polish_on_final_level(best, fixed_image, moving_image, inputs.seed, coarse, run)
+        best = _polish_on_final_level(best, inputs.fixed, inputs.moving, inputs.seed, coarse, run)
         finals.append(best)
         run.lap("final_s")
     transform = transforms.rigid_from_matrix(best.matrix, center=fine.fixed.body_centroid)
